@@ -19,7 +19,9 @@ forward pass and skipped in the backward pass, i.e. the gradient with respect
 to ``z1`` is the base loss's gradient with respect to the prediction ``p``.
 
 Paper symbol -> code name (rows of every ``z`` are samples, so ``W_P z`` is
-``z @ W_P.T``)::
+``z @ W_P.T``; any leading dimensions are independent problems, e.g. ``z``
+(S, B, M) with ``W_P`` (S, M, M) gives S losses, and ``C`` (S, M, M) gives S
+predictors)::
 
     z^(1), z^(2)      z1, z2       (B, M) online view, target view
     C_z = E[z z^T]    C            (M, M) uncentred correlation, Sec. 2.1
@@ -47,15 +49,17 @@ def _float32(fn):
     Inputs in float16/bfloat16 are cast up; the gradient flows back through the
     cast, so it reaches the caller in the caller's dtype.
     """
+    def up(t):
+        return t.float() if torch.is_tensor(t) and t.dtype in (torch.float16, torch.bfloat16) else t
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        def up(t):
-            if not torch.is_tensor(t):
-                return t
-            return t.to(torch.promote_types(t.dtype, torch.float32))
         device = next(a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+        args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
+        if not torch.is_autocast_enabled(device.type):
+            return fn(*args, **kwargs)
         with torch.autocast(device.type, enabled=False):
-            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+            return fn(*args, **kwargs)
     return wrapper
 
 
@@ -72,8 +76,8 @@ def correlation(z):
     ``sqrt(B)`` before the product follows the reference code (it keeps the
     products small, so no overflow even if a caller multiplies in fp16).
     """
-    z = z.detach() / z.shape[0] ** 0.5     # (B, M)
-    return z.T @ z                         # (M, M)
+    z = z.detach() / z.shape[-2] ** 0.5    # (B, M)
+    return z.mT @ z                        # (M, M)
 
 
 def ema_update(C, z, tau):
@@ -107,10 +111,10 @@ def predictor(C, alpha=0.5, eps=0.0, normalize=True):
     s, U = torch.linalg.eigh(C)                      # (M,), (M, M)
     s = s.clamp(min=0)
     if normalize:
-        s = s / s.max().clamp(min=torch.finfo(s.dtype).tiny)
+        s = s / s.amax(-1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
     lambda_ = (s + eps) ** alpha                     # (M,) eigenvalues of W_P
-    W_P = (U * lambda_) @ U.T                        # U diag(lambda_) U^T
-    W_P_half = (U * lambda_.sqrt()) @ U.T
+    W_P = (U * lambda_[..., None, :]) @ U.mT         # U diag(lambda_) U^T
+    W_P_half = (U * lambda_.sqrt()[..., None, :]) @ U.mT
     return W_P, W_P_half
 
 
@@ -126,7 +130,7 @@ def _inverse(x):
 
 def _predict(z1, W_P):
     """The prediction ``p = W_P z1`` (row-wise: ``z1 @ W_P.T``); ``W_P=None`` means no predictor."""
-    return z1 if W_P is None else z1 @ W_P.T        # (B, M)
+    return z1 if W_P is None else z1 @ W_P.mT       # (B, M)
 
 
 @_float32
@@ -139,7 +143,7 @@ def loss_euc(z1, z2, W_P=None, stop_grad=True):
     """
     p = _predict(z1, W_P)                            # (B, M)
     target = z2.detach() if stop_grad else z2        # (B, M)
-    return 0.5 * (p - target).pow(2).sum(1).mean()
+    return 0.5 * (p - target).pow(2).sum(-1).mean(-1)
 
 
 @_float32
@@ -152,8 +156,8 @@ def loss_cos(z1, z2, W_P=None, stop_grad=True):
     """
     p = _predict(z1, W_P)                            # (B, M)
     target = z2.detach() if stop_grad else z2        # (B, M)
-    cos = (p * target).sum(1) * _inverse(p.norm(dim=1) * target.norm(dim=1))  # (B,)
-    return -cos.mean()
+    cos = (p * target).sum(-1) * _inverse(p.norm(dim=-1) * target.norm(dim=-1))  # (B,)
+    return -cos.mean(-1)
 
 
 @_float32
@@ -166,7 +170,7 @@ def loss_iso_euc(z1, z2, W_P):
     factor ``W_P`` that makes eigenvalues multiply learning rates (Eq. 16).
     """
     target = (z2 + z1 - _predict(z1, W_P)).detach()  # (B, M)
-    return 0.5 * (z1 - target).pow(2).sum(1).mean()
+    return 0.5 * (z1 - target).pow(2).sum(-1).mean(-1)
 
 
 @_float32
@@ -183,10 +187,10 @@ def loss_iso_cos(z1, z2, W_P, W_P_half):
     p = _predict(z1, W_P)                            # (B, M) prediction
     q = _predict(z1, W_P_half)                       # (B, M) W_P^{1/2} z1
     with torch.no_grad():                            # the two SG(...) factors
-        p_norm, z2_norm = p.norm(dim=1), z2.norm(dim=1)                     # (B,)
-        a = z2 * _inverse(p_norm * z2_norm)[:, None]                        # (B, M)
-        b = (p * z2).sum(1) * _inverse(p_norm ** 3 * z2_norm)               # (B,)
-    return (-(z1 * a).sum(1) + 0.5 * b * q.pow(2).sum(1)).mean()
+        p_norm, z2_norm = p.norm(dim=-1), z2.norm(dim=-1)                   # (B,)
+        a = z2 * _inverse(p_norm * z2_norm)[..., None]                      # (B, M)
+        b = (p * z2).sum(-1) * _inverse(p_norm ** 3 * z2_norm)              # (B,)
+    return (-(z1 * a).sum(-1) + 0.5 * b * q.pow(2).sum(-1)).mean(-1)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,745 @@
+"""Self-supervised ResNet pretraining with an online linear probe, for every method of Tables 2 and 3 of
+
+    Halvagal, Laborieux & Zenke, "Implicit variance regularization in non-contrastive SSL", NeurIPS 2023.
+
+    python train.py --dataset stl10 --loss iso_euc
+
+One file, read top to bottom: config -> data -> model -> loss step -> optimiser and schedules ->
+loop -> evaluation -> checkpointing -> main. The setup follows Appendix D and Table 4 of the paper
+and the paper's reference code (solo-learn configs and run script); every departure says so where
+it happens. Which row of the paper is which command (add ``--dataset``):
+
+    BYOL        --predictor mlp --loss cos                      EMA target, LARS
+    SimSiam     --predictor mlp --loss cos --no-ema             online target, SGD
+    DirectPred  --loss cos                      [--no-ema]      closed-form W_P, alpha 0.5
+    DirectCopy  --loss cos --alpha 1 --eps 0.25 [--no-ema]
+    IsoLoss     --loss iso_cos [--alpha 1 --eps 0.25] [--no-ema]
+
+Outputs in --out: config.json, metrics.jsonl (one line per epoch), last.pt (resume with --resume auto).
+"""
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import random
+import time
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
+from torchvision.transforms import v2
+
+import isoloss
+
+# -----------------------------------------------------------------------------
+# Config
+# -----------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS = {
+    # crop, stem and blur: Table 4. classes: None = read from the folders.
+    # mean/std: the reference code's (solo-learn's) constants: CIFAR-10/100 training-set statistics,
+    # STL-10 reuses (rounded) CIFAR-10's, TinyImageNet uses ImageNet's; `folder` uses ImageNet's too.
+    "cifar10": dict(crop=32, stem="3x3", blur=False, classes=10,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(crop=32, stem="3x3", blur=False, classes=100,
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "stl10": dict(crop=96, stem="7x7-maxpool", blur=True, classes=10,
+                  mean=(0.4914, 0.4823, 0.4466), std=(0.247, 0.243, 0.261)),
+    "tinyimagenet": dict(crop=64, stem="3x3-maxpool", blur=False, classes=None,
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "folder": dict(crop=224, stem=None, blur=None, classes=None,  # stem, blur: from --image-size
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+# ResNet stem, Table 4: (first conv kernel, its stride, first max-pool). "7x7-maxpool" is torchvision's
+# standard stem; "3x3" is SimCLR's CIFAR stem (cited in App. D). TinyImageNet: Table 4 says 3x3 with
+# max-pool, and we follow Table 4 (3x3 kernel, stride 1, then the max-pool).
+STEMS = {"3x3": (3, 1, False), "3x3-maxpool": (3, 1, True), "7x7-maxpool": (7, 2, True)}
+LOSSES = ("euc", "cos", "iso_euc", "iso_cos")
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def fail(msg):
+    """Stop with a one-line error and exit code 1, no traceback."""
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+def parser():
+    """The command line. Defaults are the paper's (App. D); None means 'resolved from other settings'."""
+    p = argparse.ArgumentParser(description="Self-supervised ResNet pretraining with an online linear "
+                                "probe: BYOL, SimSiam, DirectPred, DirectCopy, IsoLoss (NeurIPS 2023).")
+    a = p.add_argument
+    a("--dataset", required=True, choices=list(DATASETS))
+    a("--data-dir", default="./data", help="holds cifar-10-batches-py/, cifar-100-python/, stl10_binary/ "
+      "or tiny-imagenet-200/; for folder: train/<class>/* and val/<class>/* (default %(default)s)")
+    a("--download", action="store_true", help="download cifar10/cifar100/stl10/tinyimagenet if missing")
+    a("--image-size", type=int, help="crop size (default: Table 4's; 224 for folder)")
+    a("--limit", type=int, help="use only the first N training images (quick runs, CPU)")
+    a("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+    a("--stem", default="auto", choices=["auto", *STEMS], help="auto: Table 4's (folder: by image size)")
+    a("--proj-hidden", type=int, default=4096, help="projector hidden units (%(default)s, App. D)")
+    a("--proj-dim", type=int, default=256, help="projector output size M (%(default)s, App. D)")
+    a("--pred-hidden", type=int, default=4096, help="hidden units of the mlp predictor (%(default)s)")
+    a("--predictor", default="closed", choices=["closed", "mlp", "linear"],
+      help="closed: W_P from C (Eq. 1, default); mlp: BYOL's; linear: a trained matrix")
+    a("--loss", default="iso_cos", choices=LOSSES, help="Table 1 (default %(default)s)")
+    a("--alpha", type=float, default=0.5, help="exponent of Eq. 1: DirectPred 0.5 (default), DirectCopy 1")
+    a("--eps", type=float, default=0.0, help="added to the normalised eigenvalues: DirectCopy 0.25")
+    a("--tau", type=float, help="EMA factor of C (default 0.998; 0.5 without EMA target)")
+    a("--ema", type=float, default=0.99, help="target momentum at step 0, cosine to 1 (%(default)s)")
+    a("--no-ema", dest="ema", action="store_const", const=0.0, help="target = online network (= --ema 0)")
+    a("--optimizer", default="auto", choices=["auto", "lars", "sgd"], help="auto: LARS with EMA, else SGD")
+    a("--lr", type=float, help="base lr at batch 256, scaled by batch/256 (default 1.0 LARS, 0.1 SGD)")
+    a("--wd", type=float, help="weight decay (default 1e-4 closed predictor, 1e-5 learned ones)")
+    a("--probe-lr", type=float, default=0.1, help="base lr of the probe at batch 256 (%(default)s)")
+    a("--momentum", type=float, default=0.9, help="SGD/LARS momentum (%(default)s)")
+    a("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (%(default)s)")
+    a("--warmup-epochs", type=int, help="linear lr warm-up (default min(10, epochs // 10))")
+    a("--warmup-start-lr", type=float, default=3e-5, help="solo-learn's warmup_start_lr (%(default)s)")
+    a("--epochs", type=int, default=1000, help="(default %(default)s)")
+    a("--batch-size", type=int, default=256, help="(default %(default)s)")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers (default %(default)s)")
+    a("--seed", type=int, default=0, help="(default %(default)s)")
+    a("--device", default="auto", help="auto (default): cuda if available, else cpu")
+    a("--amp", action="store_true", help="autocast: fp16 + GradScaler on CUDA, bf16 on CPU")
+    a("--eval-every", type=int, default=1, help="epochs between probe evaluations; 0: only at the end")
+    a("--log-every", type=int, default=50, help="steps between progress lines (default %(default)s)")
+    a("--out", help="run directory (default runs/<dataset>-<loss>-<time>)")
+    a("--resume", help="a last.pt to continue from, or 'auto': <out>/last.pt if it exists")
+    return p
+
+
+def check_args(p, args):
+    """Reject inconsistent settings with a one-line argparse error (exit code 2)."""
+    if args.predictor != "closed" and args.loss.startswith("iso_"):
+        p.error(f"--loss {args.loss} needs --predictor closed: IsoLoss (Eqs. 15, 17) is defined for "
+                f"the closed-form predictor W_P; use --loss euc or cos with a learned predictor")
+    if args.epochs < 1 or args.batch_size < 2:
+        p.error("--epochs must be >= 1 and --batch-size >= 2 (BatchNorm needs 2 samples)")
+    if not 0 <= args.ema < 1 or (args.tau is not None and not 0 <= args.tau < 1):
+        p.error("--ema and --tau must lie in [0, 1)")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    if args.warmup_epochs is not None and not 0 <= args.warmup_epochs <= args.epochs:
+        p.error("--warmup-epochs must lie in [0, --epochs]")
+    if args.download and args.dataset == "folder":
+        p.error("--download is not available for --dataset folder (your own data)")
+    if args.resume == "auto" and args.out is None:
+        p.error("--resume auto needs --out DIR (the run directory to continue)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available")
+
+
+def resolve(args):
+    """Fill the defaults that depend on other settings; every resolved value lands in config.json."""
+    d = DATASETS[args.dataset]
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.image_size = args.image_size or d["crop"]
+    size = args.image_size  # `folder`: stem and blur like the Table 4 dataset of the nearest size
+    if args.stem == "auto":
+        args.stem = d["stem"] or ("3x3" if size <= 32 else "3x3-maxpool" if size <= 64 else "7x7-maxpool")
+    args.blur = d["blur"] if d["blur"] is not None else size >= 96
+    if args.optimizer == "auto":  # App. D: LARS with an EMA target, SGD without
+        args.optimizer = "lars" if args.ema > 0 else "sgd"
+    if args.lr is None:
+        args.lr = 1.0 if args.optimizer == "lars" else 0.1                  # App. D
+    if args.wd is None:
+        # Closed-form predictor: 1e-4, the reference run script's value that produced Tables 2 and 3
+        # (the paper's text says 4e-4). Learned predictors: 1e-5 (App. D, nonlinear predictor).
+        args.wd = 1e-4 if args.predictor == "closed" else 1e-5
+    if args.tau is None:
+        args.tau = 0.998 if args.ema > 0 else 0.5   # App. D; reference no-EMA configs: dp_tau 0.5
+    if args.warmup_epochs is None:  # 10 (App. D), but never more than a tenth of a short run
+        args.warmup_epochs = min(10, args.epochs // 10)
+    args.lr_scaled = args.lr * args.batch_size / 256          # linear scaling rule (solo-learn)
+    args.probe_lr_scaled = args.probe_lr * args.batch_size / 256
+    if args.out is None:
+        if args.resume not in (None, "auto"):
+            args.out = os.path.dirname(os.path.abspath(args.resume))
+        else:
+            args.out = os.path.join("runs", f"{args.dataset}-{args.loss}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+def get_config(argv=None):
+    """Command line -> checked, fully resolved config (an argparse.Namespace)."""
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return resolve(args)
+
+
+# -----------------------------------------------------------------------------
+# Data: two asymmetric views per image (Table 4, DESIGN.md), un-augmented images for evaluation
+# -----------------------------------------------------------------------------
+
+# PIL's GaussianBlur(radius=sigma), which the reference code uses, has sigma in pixels, (0.1, 2);
+# a 13-tap kernel covers +-3 sigma at the largest sigma.
+BLUR_KERNEL = 13
+
+
+class TwoViews:
+    """image -> (t1(image), t2(image)): the two asymmetric views of BYOL (t and t')."""
+
+    def __init__(self, t1, t2):
+        self.t1, self.t2 = t1, t2
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+
+def view_transform(size, mean, std, blur_p, solarize_p):
+    """One view of the SimCLR augmentation set (App. D; solo-learn's asymmetric BYOL recipe)."""
+    ops = [v2.ToImage(),  # PIL -> uint8 tensor (3, H, W); colour ops run on uint8
+           v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                antialias=True),
+           v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           v2.RandomGrayscale(p=0.2)]
+    if blur_p > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))  # PIL's default threshold
+    ops += [v2.RandomHorizontalFlip(p=0.5), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+def train_transform(cfg):
+    """View 1: blur p=1.0 (blur datasets only), no solarisation; view 2: blur p=0.1, solarisation p=0.2."""
+    d, blur = DATASETS[cfg.dataset], cfg.blur
+    views = [(1.0 if blur else 0.0, 0.0), (0.1 if blur else 0.0, 0.2)]   # (blur_p, solarize_p)
+    return TwoViews(*(view_transform(cfg.image_size, d["mean"], d["std"], b, s) for b, s in views))
+
+
+def eval_transform(cfg):
+    """Un-augmented: resize the short side to the training crop, centre-crop, normalise."""
+    d = DATASETS[cfg.dataset]
+    return v2.Compose([v2.ToImage(), v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BICUBIC,
+                                               antialias=True),
+                       v2.CenterCrop(cfg.image_size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(d["mean"], d["std"])])
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(path, label) pairs read with ImageFolder's loader: the val splits of tinyimagenet and folder."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, y = self.samples[i]
+        return self.transform(default_loader(path)), y
+
+
+TORCHVISION = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}
+
+
+def required_paths(cfg):
+    """The files and folders each loader reads, so a missing one can be named (and how to get it)."""
+    root = cfg.data_dir
+    if cfg.dataset in ("cifar10", "cifar100", "stl10"):
+        cls = TORCHVISION[cfg.dataset]
+        files = [f for f, _ in cls.train_list + cls.test_list] + (
+            [cls.meta["filename"]] if cfg.dataset != "stl10" else [])
+        hint = f"pass --download to fetch {cls.url} into {root}, or unpack that archive there"
+        return [os.path.join(root, cls.base_folder, f) for f in files], hint
+    if cfg.dataset == "tinyimagenet":
+        base = os.path.join(root, "tiny-imagenet-200")
+        hint = f"pass --download to fetch {TINY_URL} into {root}, or unzip it there (read as is)"
+        return [os.path.join(base, p) for p in ("train", "val/images", "val/val_annotations.txt")], hint
+    hint = "--data-dir must hold an ImageFolder tree: train/<class>/<images> and val/<class>/<images>"
+    return [os.path.join(root, "train"), os.path.join(root, "val")], hint
+
+
+def load_torchvision(cfg, train_tf, eval_tf):
+    """CIFAR-10/100: train / test. STL-10: train+unlabeled (label -1 on unlabelled images) / test."""
+    cls, root = TORCHVISION[cfg.dataset], cfg.data_dir
+    try:
+        if cfg.dataset == "stl10":
+            return (cls(root, split="train+unlabeled", transform=train_tf, download=cfg.download),
+                    cls(root, split="test", transform=eval_tf))
+        return (cls(root, train=True, transform=train_tf, download=cfg.download),
+                cls(root, train=False, transform=eval_tf))
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted": an md5 sum does not match
+        fail(f"{cfg.dataset}: the files under {os.path.join(root, cls.base_folder)} fail torchvision's md5 "
+             f"check (an incomplete or altered copy?); delete them and rerun with --download")
+
+
+def load_tinyimagenet(cfg, train_tf, eval_tf):
+    """Official layout, read as is: train/<wnid>/images/*.JPEG (an ImageFolder tree: the images/
+    level is walked), val/images/*.JPEG labelled by val/val_annotations.txt ('val_0.JPEG <wnid> box')."""
+    root = os.path.join(cfg.data_dir, "tiny-imagenet-200")
+    if cfg.download and not os.path.isdir(root):
+        torchvision.datasets.utils.download_and_extract_archive(TINY_URL, cfg.data_dir)
+    train = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
+    samples = []
+    with open(os.path.join(root, "val", "val_annotations.txt")) as f:
+        for line in filter(str.strip, f):
+            name, wnid = line.split()[:2]
+            path = os.path.join(root, "val", "images", name)
+            if wnid not in train.class_to_idx or not os.path.isfile(path):
+                fail(f"tinyimagenet: val_annotations.txt names {name} ({wnid}), but {path} or "
+                     f"{root}/train/{wnid} is missing")
+            samples.append((path, train.class_to_idx[wnid]))
+    return train, ImageList(samples, eval_tf)
+
+
+def load_folder(cfg, train_tf, eval_tf):
+    """Any ImageFolder tree: train/<class>/* for pretraining and the probe, val/<class>/* to evaluate."""
+    train = datasets.ImageFolder(os.path.join(cfg.data_dir, "train"), train_tf)
+    val_dir = os.path.join(cfg.data_dir, "val")
+    unknown = sorted(set(find_classes(val_dir)[0]) - set(train.classes))
+    if unknown:
+        fail(f"folder: {val_dir} has classes that train/ lacks: {', '.join(unknown[:5])}")
+    samples = make_dataset(val_dir, train.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    return train, ImageList(samples, eval_tf)
+
+
+def load_datasets(cfg, train_tf, eval_tf):
+    """(train set, eval set, number of classes); missing data stops with a one-line error."""
+    paths, hint = required_paths(cfg)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing and not cfg.download:
+        fail(f"{cfg.dataset}: {missing[0]} not found; {hint}")
+    loader = {"tinyimagenet": load_tinyimagenet, "folder": load_folder}.get(cfg.dataset, load_torchvision)
+    try:
+        train, val = loader(cfg, train_tf, eval_tf)
+    except OSError as e:  # e.g. an ImageFolder without images, a failed download
+        fail(f"{cfg.dataset}: {' '.join(str(e).split())}")
+    if len(val) == 0:
+        fail(f"{cfg.dataset}: the evaluation split under {cfg.data_dir} has no images")
+    return train, val, DATASETS[cfg.dataset]["classes"] or len(train.classes)
+
+
+def build_data(cfg):
+    """The one place that builds the data pipeline: datasets, transforms, loaders."""
+    train, val, num_classes = load_datasets(cfg, train_transform(cfg), eval_transform(cfg))
+    if cfg.limit:
+        train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
+    if len(train) < cfg.batch_size:
+        fail(f"{len(train)} training images are fewer than one batch (--batch-size {cfg.batch_size})")
+    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
+    # The generator is re-seeded every epoch (seed + epoch): shuffling and worker seeds do not depend
+    # on where a run was resumed.
+    train_loader = torch.utils.data.DataLoader(train, shuffle=True, drop_last=True,
+                                               generator=torch.Generator(), **kw)
+    return train_loader, torch.utils.data.DataLoader(val, shuffle=False, **kw), num_classes
+
+
+# -----------------------------------------------------------------------------
+# Model: ResNet backbone f, projector g, predictor, linear probe; EMA target
+# -----------------------------------------------------------------------------
+
+def mlp(d_in, d_hidden, d_out):
+    """Linear -> BN -> ReLU -> Linear: projector 512-4096-256, BYOL's predictor 256-4096-256 (App. D)."""
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), nn.ReLU(inplace=True),
+                         nn.Linear(d_hidden, d_out))
+
+
+def resnet(arch, stem):
+    """torchvision ResNet without weights, stem per Table 4, head removed. Returns (net, feature dim)."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    kernel, stride, maxpool = STEMS[stem]
+    if kernel != 7:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel, stride, padding=kernel // 2, bias=False)
+    if not maxpool:
+        net.maxpool = nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()     # 512 for ResNet-18
+    return net, dim
+
+
+class Encoder(nn.Module):
+    """x (B, 3, H, W) -> (h (B, 512) backbone features for the probe, z (B, M) projector output)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone, self.dim = resnet(cfg.arch, cfg.stem)
+        self.projector = mlp(self.dim, cfg.proj_hidden, cfg.proj_dim)
+
+    def forward(self, x):
+        h = self.backbone(x)          # (B, 512)
+        return h, self.projector(h)   # (B, 512), (B, M)
+
+
+def build_model(cfg, num_classes):
+    """model = {encoder, predictor, probe}; target = EMA copy of the encoder, or None (online target)."""
+    encoder = Encoder(cfg)
+    if cfg.predictor == "closed":   # buffer C (M, M), float32, no gradient; W_P = U D^alpha U^T (Eq. 1)
+        predictor = isoloss.ClosedFormPredictor(cfg.proj_dim, cfg.alpha, cfg.eps, cfg.tau)
+    elif cfg.predictor == "mlp":    # BYOL's nonlinear predictor
+        predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
+    else:                           # trainable linear W_P (Fig. 4)
+        predictor = nn.Linear(cfg.proj_dim, cfg.proj_dim, bias=False)
+    model = nn.ModuleDict(dict(encoder=encoder, predictor=predictor,
+                               probe=nn.Linear(encoder.dim, num_classes)))
+    target = copy.deepcopy(encoder).requires_grad_(False) if cfg.ema > 0 else None
+    return model, target
+
+
+# -----------------------------------------------------------------------------
+# Loss step
+# -----------------------------------------------------------------------------
+
+def pair_loss(kind, z1, z2_t, W_P=None, W_P_half=None):
+    """One view order of Table 1 from isoloss.py (paper constants: 1/2 ||.||^2 and -cos, batch mean).
+    With a learned predictor, z1 is the prediction p1 and W_P is None."""
+    if kind == "euc":
+        return isoloss.loss_euc(z1, z2_t, W_P)
+    if kind == "cos":
+        return isoloss.loss_cos(z1, z2_t, W_P)
+    if kind == "iso_euc":
+        return isoloss.loss_iso_euc(z1, z2_t, W_P)
+    return isoloss.loss_iso_cos(z1, z2_t, W_P, W_P_half)
+
+
+def ssl_loss(model, z1, z2, z1_t, z2_t, cfg):
+    """L = 2 * [L(z1, SG(z2_t)) + L(z2, SG(z1_t))]: both view orders against the target branch.
+
+    Scale: twice the paper's constants, i.e. the reference code's: BYOL's 2 - 2 cos per view order
+    (without its constant 2, which has no gradient) and the Euclidean sum of squares without the 1/2,
+    so the paper's learning rates and weight decays apply unchanged. For `cos`, the logged loss is
+    -2 (cos_12 + cos_21), in [-4, 4]; BYOL's logged (2 - 2 cos) + (2 - 2 cos) is this plus 4.
+    """
+    if cfg.predictor != "closed":
+        p1, p2 = model.predictor(z1), model.predictor(z2)            # (B, M) learned predictions
+        return 2 * (pair_loss(cfg.loss, p1, z2_t) + pair_loss(cfg.loss, p2, z1_t))
+    # C <- tau^2 C + (1 - tau^2) C_batch(z1, z2): one EMA step from both online views per training
+    # step, the same time constant as the reference code's one update per view (which also gave view 1
+    # a W_P that had seen only view 1). The batch is folded in before W_P is built. C moves only here,
+    # in training steps: the reference code also moved C on evaluation batches, a side effect we avoid.
+    model.predictor.update(z1, z2)                  # z detached inside; C stays float32 under AMP
+    W_P, W_P_half = model.predictor()               # (M, M) each, no gradient
+    return 2 * (pair_loss(cfg.loss, z1, z2_t, W_P, W_P_half)
+                + pair_loss(cfg.loss, z2, z1_t, W_P, W_P_half))
+
+
+def probe_loss(probe, h1, h2, y):
+    """Cross-entropy of the linear probe on detached features of both views; label -1 is ignored."""
+    logits = probe(torch.cat([h1, h2]).detach()).float()   # (2B, classes)
+    y = torch.cat([y, y])                                   # (2B,)
+    n = (y >= 0).sum().clamp(min=1)          # a batch of only unlabelled STL-10 images gives 0, not NaN
+    return F.cross_entropy(logits, y, ignore_index=-1, reduction="sum") / n
+
+
+@torch.no_grad()
+def target_outputs(target, x1, x2, z1, z2):
+    """z_t of both views: the EMA target's, or the online network's under stop-grad (no EMA). The
+    latter equals the reference code's momentum-0 target copy: same weights, same batch statistics."""
+    if target is None:
+        return z1.detach(), z2.detach()
+    return target(x1)[1], target(x2)[1]
+
+
+def autocast(cfg):
+    """--amp: fp16 on CUDA, bf16 on CPU; otherwise a no-op. isoloss.py computes C, W_P, losses in float32."""
+    device = torch.device(cfg.device).type
+    return torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16,
+                          enabled=cfg.amp)
+
+
+@torch.no_grad()
+def update_target(target, online, m):
+    """xi <- m xi + (1 - m) theta (BYOL). Parameters only: the target's BN statistics are its own."""
+    for p_t, p in zip(target.parameters(), online.parameters()):
+        p_t.lerp_(p, 1 - m)
+
+
+def train_step(run, x1, x2, y, cfg, m):
+    """One optimisation step on a batch of view pairs; returns the detached (ssl loss, probe loss)."""
+    model = run.model
+    with autocast(cfg):
+        h1, z1 = model.encoder(x1)                  # (B, 512), (B, M)
+        h2, z2 = model.encoder(x2)                  # views forwarded separately: BN statistics per view
+        z1_t, z2_t = target_outputs(run.target, x1, x2, z1, z2)
+        loss = ssl_loss(model, z1, z2, z1_t, z2_t, cfg)
+        ploss = probe_loss(model.probe, h1, h2, y)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss + ploss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    if run.target is not None:
+        update_target(run.target, model.encoder, m)
+    return loss.detach(), ploss.detach()
+
+
+# -----------------------------------------------------------------------------
+# Optimiser and schedules
+# -----------------------------------------------------------------------------
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum; groups with lars=True also scale each tensor's step by the trust ratio
+
+        r = eta ||w|| / (||g|| + wd ||w||),  clipped (clip_lr): r <- min(r / lr, 1)
+
+    (You et al. 2017, with solo-learn's clipping, as the reference code used). Weight decay is added to
+    the gradient before scaling. Groups with lars=False are plain SGD with momentum.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True, lars=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      clip_lr=clip_lr, lars=lars))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad.add(p, alpha=g["weight_decay"])
+                if g["lars"]:
+                    d_p.mul_(self.trust_ratio(p, g))
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d_p.clone()
+                else:
+                    buf.mul_(g["momentum"]).add_(d_p)
+                p.add_(buf, alpha=-g["lr"])
+
+    @staticmethod
+    def trust_ratio(p, g):
+        w_norm, g_norm = p.norm(), p.grad.norm()
+        r = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
+        if g["clip_lr"] and g["lr"] > 0:
+            r = (r / g["lr"]).clamp(max=1.0)
+        return torch.where((w_norm > 0) & (g_norm > 0), r, torch.ones_like(r))   # 1 for zero tensors
+
+
+def build_optimizer(model, cfg):
+    """Three groups: weights (weight decay; LARS-scaled with LARS), biases and norm parameters (reference:
+    solo-learn's exclude_bias_n_norm, i.e. no LARS scaling and no weight decay with LARS; its SGD decays
+    them), and the probe (own lr, no weight decay, never LARS-scaled)."""
+    body = [(n, p) for n, p in model.named_parameters() if not n.startswith("probe.")]
+    weights = [p for n, p in body if p.ndim > 1]
+    bias_norm = [p for n, p in body if p.ndim <= 1]
+    lars = cfg.optimizer == "lars"
+    groups = [dict(params=weights, weight_decay=cfg.wd, lars=lars, base_lr=cfg.lr_scaled),
+              dict(params=bias_norm, weight_decay=0.0 if lars else cfg.wd, lars=False, base_lr=cfg.lr_scaled),
+              dict(params=list(model.probe.parameters()), weight_decay=0.0, lars=False,
+                   base_lr=cfg.probe_lr_scaled)]
+    return LARS(groups, lr=cfg.lr_scaled, momentum=cfg.momentum, eta=cfg.lars_eta, clip_lr=True)
+
+
+def lr_at(step, base_lr, cfg):
+    """Linear warm-up from warmup_start_lr to base_lr, then cosine decay to 0; per step (App. D)."""
+    if step < cfg.warmup_steps:
+        return cfg.warmup_start_lr + (base_lr - cfg.warmup_start_lr) * step / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ema_at(step, cfg):
+    """Target momentum m = 1 - (1 - m_base) (cos(pi k / K) + 1) / 2, from 0.99 to 1 (BYOL; App. D)."""
+    return 1 - (1 - cfg.ema) * (math.cos(math.pi * step / cfg.total_steps) + 1) / 2
+
+
+def set_lr(opt, step, cfg):
+    """Apply the schedule to every group; returns the lr of the first (backbone weights) group."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, g["base_lr"], cfg)
+    return opt.param_groups[0]["lr"]
+
+
+# -----------------------------------------------------------------------------
+# Loop
+# -----------------------------------------------------------------------------
+
+def log_progress(run, cfg, i, n, loss, lr, t_epoch):
+    """One progress line: epoch, step, mean loss of the epoch so far, lr, images/s of the epoch so far,
+    and the ETA from this session's pace (evaluation and checkpoints included)."""
+    if not math.isfinite(loss):
+        fail(f"the loss became {loss} in epoch {run.epoch + 1}, step {run.step}; the last finished "
+             f"epoch is in {os.path.join(cfg.out, 'last.pt')}")
+    now = time.time()
+    ips = i * cfg.batch_size / max(now - t_epoch, 1e-9)
+    pace = (now - run.t0) / max(run.step - run.step0, 1)                      # seconds per step
+    eta = datetime.timedelta(seconds=round(pace * (cfg.total_steps - run.step)))
+    print(f"epoch {run.epoch + 1}/{cfg.epochs} step {i}/{n} ({run.step}/{cfg.total_steps}) "
+          f"loss {loss:.4f} lr {lr:.4g} {ips:.0f} img/s ETA {eta}", flush=True)
+
+
+def train_epoch(run, loader, cfg):
+    """One pass over the training set; returns the epoch's mean losses, last lr and wall time."""
+    run.model.train()
+    if run.target is not None:
+        run.target.train()                          # BYOL's target uses batch statistics
+    loader.generator.manual_seed(cfg.seed + run.epoch)
+    device, t0 = torch.device(cfg.device), time.time()
+    sums = torch.zeros(2, device=device)            # (ssl loss, probe loss), summed over steps
+    for i, ((x1, x2), y) in enumerate(loader, 1):
+        x1, x2, y = (t.to(device, non_blocking=True) for t in (x1, x2, y))
+        lr = set_lr(run.opt, run.step, cfg)
+        sums += torch.stack(train_step(run, x1, x2, y, cfg, ema_at(run.step, cfg)))
+        run.step += 1
+        if i % cfg.log_every == 0 or i == len(loader):
+            log_progress(run, cfg, i, len(loader), sums[0].item() / i, lr, t0)
+    loss, ploss = (sums / len(loader)).tolist()
+    return dict(loss=loss, probe_loss=ploss, lr=lr, seconds=time.time() - t0)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+# -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, loader, cfg):
+    """Probe top-1 / top-5 accuracy (%) on un-augmented, centre-cropped images of the evaluation split
+    (test for CIFAR and STL-10, val for TinyImageNet and folder; App. D). Never touches C."""
+    model.eval()
+    device, hits, n = torch.device(cfg.device), torch.zeros(2), 0
+    k = min(5, model.probe.out_features)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device)
+        with autocast(cfg):
+            logits = model.probe(model.encoder.backbone(x))           # (B, classes)
+        top = logits.topk(k, dim=1).indices == y[:, None]             # (B, k)
+        hits += torch.stack([top[:, 0].sum(), top.any(1).sum()]).cpu()
+        n += len(y)
+    model.train()
+    acc1, acc5 = (100 * hits / n).tolist()
+    return dict(acc1=acc1, acc5=acc5 if k == 5 else None)
+
+
+# -----------------------------------------------------------------------------
+# Checkpointing
+# -----------------------------------------------------------------------------
+
+def checkpoint_state(run, cfg):
+    """Everything needed to continue: model (C is the closed predictor's buffer), target, optimiser,
+    scaler, schedule position, RNG states, config. Loadable with torch.load(weights_only=True)."""
+    return dict(model=run.model.state_dict(),
+                target=run.target.state_dict() if run.target is not None else None,
+                optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(),
+                epoch=run.epoch, step=run.step, config=vars(cfg),
+                rng=dict(torch=torch.get_rng_state(), python=random.getstate(),   # numpy RNG: unused
+                         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+
+
+def save_checkpoint(state, path):
+    """Atomic: write a temporary file, then rename it over `path`."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, run, cfg):
+    """Restore `run` from `path` and report settings that differ from the checkpoint's."""
+    state = torch.load(path, map_location="cpu", weights_only=True)   # RNG states must stay on the CPU
+    changed = [k for k, v in state["config"].items() if k not in ("resume", "out") and vars(cfg).get(k) != v]
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.opt.param_groups]
+    try:
+        run.model.load_state_dict(state["model"])
+        if run.target is not None:  # a no-EMA checkpoint has no target: start it from the online encoder
+            run.target.load_state_dict(state["target"] or run.model.encoder.state_dict())
+        run.opt.load_state_dict(state["optimizer"])   # momentum buffers ...
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"{path} does not fit this configuration (changed: {', '.join(changed)}): "
+             f"{str(e).splitlines()[0]}")
+    for g, h in zip(run.opt.param_groups, settings):  # ... but this command line's lr, wd, LARS
+        g.update(h)
+    run.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.step = state["epoch"], state["step"]
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    print(f"resumed from {path} at epoch {run.epoch}, step {run.step}"
+          + (f"; changed settings: {', '.join(changed)}" if changed else ""), flush=True)
+
+
+def resume_path(cfg):
+    """--resume PATH, or for 'auto' <out>/last.pt if it exists (else None: a fresh start)."""
+    if cfg.resume is None:
+        return None
+    path = os.path.join(cfg.out, "last.pt") if cfg.resume == "auto" else cfg.resume
+    if os.path.isfile(path):
+        return path
+    if cfg.resume != "auto":
+        fail(f"--resume {path}: no such file")
+    print(f"--resume auto: no {path} yet, starting from scratch", flush=True)
+    return None
+
+
+def append_metrics(path, row, keep_until=None):
+    """Append one JSON line; with keep_until, first drop lines of epochs after it (a resumed run)."""
+    if keep_until is not None and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= keep_until]
+        with open(path, "w") as f:
+            f.writelines(kept)
+    if row is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------
+
+def setup(cfg):
+    """Seed, data, model, optimiser, schedule lengths; returns (run, train loader, eval loader)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    train_loader, eval_loader, num_classes = build_data(cfg)
+    cfg.steps_per_epoch = len(train_loader)
+    cfg.total_steps = cfg.epochs * cfg.steps_per_epoch
+    cfg.warmup_steps = cfg.warmup_epochs * cfg.steps_per_epoch
+    model, target = build_model(cfg, num_classes)
+    model.to(cfg.device)
+    if target is not None:
+        target.to(cfg.device)
+    device = torch.device(cfg.device).type          # loss scaling for fp16 only (CUDA), not bf16
+    scaler = torch.amp.GradScaler(device, enabled=cfg.amp and device == "cuda")
+    run = types.SimpleNamespace(model=model, target=target, opt=build_optimizer(model, cfg), scaler=scaler,
+                                epoch=0, step=0)
+    return run, train_loader, eval_loader
+
+
+def start_outputs(cfg, run, train_loader):
+    """Create --out, write config.json, drop metrics of epochs after the checkpoint, print a summary."""
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(vars(cfg), f, indent=2)
+    append_metrics(os.path.join(cfg.out, "metrics.jsonl"), None, keep_until=run.epoch)
+    target = f"EMA target {cfg.ema}" if cfg.ema else "no EMA"
+    print(f"{cfg.dataset}: {len(train_loader.dataset)} training images, {cfg.steps_per_epoch} steps/epoch; "
+          f"{cfg.arch} ({cfg.stem} stem), {cfg.predictor} predictor, loss {cfg.loss}, {target}, "
+          f"{cfg.optimizer} lr {cfg.lr_scaled:g} wd {cfg.wd:g}; {cfg.device}; out {cfg.out}", flush=True)
+    run.t0, run.step0 = time.time(), run.step           # this session's pace, for the ETA
+
+
+def main(argv=None):
+    """Train as `argv` (default: sys.argv) says; returns the metrics row of the last epoch trained."""
+    cfg = get_config(argv)
+    path = resume_path(cfg)
+    if path is None and os.path.exists(os.path.join(cfg.out, "last.pt")):
+        fail(f"{cfg.out} already holds a run (last.pt): pass --resume auto to continue it, or another --out")
+    run, train_loader, eval_loader = setup(cfg)
+    if path is not None:
+        load_checkpoint(path, run, cfg)
+    start_outputs(cfg, run, train_loader)
+    row = None
+    if run.epoch >= cfg.epochs:
+        print(f"nothing to do: {run.epoch} of {cfg.epochs} epochs done (raise --epochs to continue)")
+    while run.epoch < cfg.epochs:
+        row = train_epoch(run, train_loader, cfg)
+        run.epoch += 1
+        due = run.epoch == cfg.epochs or (cfg.eval_every > 0 and run.epoch % cfg.eval_every == 0)
+        acc = evaluate(run.model, eval_loader, cfg) if due else dict(acc1=None, acc5=None)
+        row = dict(epoch=run.epoch, step=run.step, **row, **acc)
+        append_metrics(os.path.join(cfg.out, "metrics.jsonl"), row)
+        save_checkpoint(checkpoint_state(run, cfg), os.path.join(cfg.out, "last.pt"))
+        print(f"epoch {run.epoch}/{cfg.epochs} done in {row['seconds']:.1f}s: loss {row['loss']:.4f}"
+              + (f", probe acc1 {row['acc1']:.2f}%" if due else ""), flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()
