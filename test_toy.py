@@ -155,8 +155,9 @@ def test_reduced_sample_nopred_panels_stay_within_the_full_sample_spread():
     """The 100,000-step panels that need real samples (no predictor: cosine, cosine + ReLU,
     Euclidean + ReLU) run on --nopred-samples antithetic views per step. Over a shortened horizon
     their mean eigenvalues agree with the 50,000-sample plain loop's within the combined standard
-    error of the two (aggregated over the M modes of each panel), and that spread is small next
-    to how far the cosine panels move. (Over 20,000 steps, 4 + 1 runs agreed to 0.3%, 2% and 1.6%.)"""
+    error of the two (aggregated over the M modes of each panel), and that error is small next to
+    how far the cosine panels move. (Over 20,000 steps, 4 runs at 512 antithetic samples agreed
+    with a 50,000-sample run to 0.4%, and, for the ReLU panels, within 1-2 run-to-run sd.)"""
     steps, n, n_full = 300, toy.DEFAULTS["nopred_samples"], 50_000
     rows = [("cos_nopred", False), ("cos_nopred", True), ("euc_nopred", True)]
     W0 = toy.initial_weights(toy.DEFAULTS, 10, 15)
@@ -166,14 +167,13 @@ def test_reduced_sample_nopred_panels_stay_within_the_full_sample_spread():
         toy.simulate(runs, steps, samples, seed, antithetic, points=1)
         return torch.stack([torch.tensor(r.out["eigenvalues"][-1]) for r in runs]).double()   # (rows, M)
 
-    ours = torch.stack([final(n, seed, True) for seed in range(6)])            # the toy's panels
+    ours = torch.stack([final(n, seed, True) for seed in range(12)])            # the toy's panels
     full = torch.stack([final(n_full, 100 + seed, False) for seed in range(3)])  # the plain loop
     distance = (ours.mean(0) - full.mean(0)).norm(dim=-1)                       # (rows,)
     stderr = (ours.var(0) / len(ours) + full.var(0) / len(full)).sum(-1).sqrt()
     assert (distance < 3 * stderr).all()
     moved = (full.mean(0) - toy.eigenvalues(W0).double()).norm(dim=-1)
-    spread = (ours.var(0) + full.var(0)).sum(-1).sqrt()
-    assert (spread[:2] < 0.25 * moved[:2]).all()                                # the cosine rows move
+    assert (stderr[:2] < 0.25 * moved[:2]).all()                                # the cosine rows move
 
 
 # ---------------------------------------------------------------- The command line

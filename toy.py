@@ -1,9 +1,9 @@
 """Linear-network experiments of Sec. 3: Figs. 2, 5, 6 and every row of Table 1,
 with the theory's predictions drawn beside the simulation.
 
-    python toy.py                 # all figures into figures/, a few minutes on 2 CPU cores
-    python toy.py --quick         # seconds, small sample counts (for tests)
-    python toy.py --bench         # the toy's step vs the plain per-sample loop
+    python toy.py                 # all figures into figures/, ~3.5 min on 2 CPU cores
+    python toy.py --quick         # seconds, small sample and step counts (for tests)
+    python toy.py --bench         # the plain per-sample loop vs the toy, projected to the full run
 
 Setup (the paper's notebook; DESIGN.md "Toy"): a linear Siamese network
 ``z = W x`` (``W`` (M, N)), standard Gaussian inputs drawn fresh every step,
@@ -16,35 +16,45 @@ train.py uses. Plotted: the eigenvalues of ``W W^T`` (those of ``W_P`` for
 alpha = 1).
 
 Theory (dashed): in this setting Eqs. 9, 12, 13 and 16 are exact mode-wise
-equations for the expected update (applied once per step, see ``theory``). Writing ``s`` for an eigenvalue of ``W W^T`` and
-``lambda = s ** alpha`` for that of ``W_P``, ``dz_m/dt = eta g(lambda) z_m``
-gives ``ds/dt = 2 eta g(lambda) s`` with ``g`` in ``RATE`` below. For the
-no-stop-grad row, Eq. 12 assumes ``E[z2 z2^T] = E[z1 z2^T]``; here view 2
-carries the noise, ``E[x2 x2^T] = (1 + sigma^2) I``, and the exact expected
-update is ``dW = -eta ((W_P - I)^2 + sigma^2 I) W``, i.e.
-``g = -((1 - lambda)^2 + sigma^2)``.
+equations for the expected update, applied once per step (``theory``). Writing
+``s`` for an eigenvalue of ``W W^T`` and ``lambda = s ** alpha`` for that of
+``W_P``, ``dz_m/dt = eta g(lambda) z_m`` gives ``ds/dt = 2 eta g(lambda) s``
+with ``g`` in ``RATE``. For the no-stop-grad row, Eq. 12 assumes
+``E[z2 z2^T] = E[z1 z2^T]``; here view 2 carries the noise,
+``E[x2 x2^T] = (1 + sigma^2) I``, and the exact expected update is
+``dW = -eta ((W_P - I)^2 + sigma^2 I) W``, i.e. ``g = -((1 - lambda)^2 + sigma^2)``.
 
-How it is fast (the paper's notebook runs one setting at a time at about
-17-32 ms per step, hours in all):
-- Common random numbers: all settings of a run group train side by side on
-  the same fresh samples each step.
+How it is fast (the plain loop, one setting at a time with 50,000 fresh samples
+per step as in the paper's notebook, takes about two hours here; ``--bench``):
+- Common random numbers: the runs of a job train side by side on the same
+  fresh samples each step.
 - Exact moment batches for the linear Euclidean rows. Their loss (hence its
   gradient) depends on a batch only through the second moments of the stacked
   views ``y = (x1, x2)``. The scatter of ``n`` samples is Wishart: we draw it
   exactly (Bartlett decomposition) and feed autograd a pseudo-batch of ``2N``
   rows with exactly that scatter. Same distribution of the update as ``n``
-  fresh samples, for ``O(N^2)`` instead of ``O(n N)`` work
-  (``test_toy.py`` checks the moments and the update against the plain loop).
-- Fewer samples for the three 100,000-step panels that need real samples (no
-  predictor: cosine, cosine + ReLU, Euclidean + ReLU): ``--nopred-samples``
-  per step instead of ``--samples``. Each step's update is an unbiased estimate
-  of the same expected update at any sample count; only its noise grows
-  (``test_toy.py`` checks these trajectories against the full-sample loop).
+  fresh samples, for ``O(N^2)`` instead of ``O(n N)`` work (``test_toy.py``
+  checks the moments and the update against the plain loop). These runs are in
+  float64: free at this size, and the no-stop-grad row decays to 1e-15.
+- The three 100,000-step panels that need real samples (no predictor: cosine,
+  cosine + ReLU, Euclidean + ReLU) see ``--nopred-samples`` (512) fresh samples
+  per step in antithetic pairs ``x +- sigma eps`` instead of 50,000. Each step's
+  update is still an unbiased estimate of the same expected update; the view
+  noise that dominates these updates cancels to first order, so their spread
+  stays at that of the 50,000-sample loop. Over 20,000 steps, four such runs
+  agreed with a 50,000-sample run to 0.4% (cosine) and within one to two
+  run-to-run standard deviations (ReLU panels, at most 1.7%); 2,048 independent
+  samples instead made the Euclidean + ReLU panel drift 20% (``test_toy.py``
+  checks a shortened horizon).
+- The jobs run in parallel processes of one thread each (``--jobs``): the
+  toy's tensors are too small for threads to pay, processes do. Each job has
+  its own seeds, so ``--only`` and ``--jobs`` leave the results unchanged (up to
+  float round-off: thread counts change summation order).
 
-Departure from the notebook: the notebook's hand-written ReLU updates for the
-no-predictor Euclidean row omit the ReLU derivative and its no-stop-grad cosine
-update is an approximation; here autograd gives the exact gradients of the
-losses as written in the paper.
+Departures from the notebook: the notebook's hand-written ReLU update for the
+no-predictor Euclidean row omits the ReLU derivative and its no-stop-grad
+cosine update is an approximation; here autograd gives the exact gradients of
+the losses as the paper writes them.
 """
 import argparse
 import functools
@@ -93,7 +103,7 @@ DEFAULTS = dict(
     samples=50_000,     # fresh samples per step (notebook)
     steps=1_500,        # steps per setting (notebook)
     nopred_steps=100_000,  # steps of the two no-predictor settings (notebook)
-    nopred_samples=2_048,  # samples per step of the sample-based 100,000-step panels (see docstring)
+    nopred_samples=512,    # samples per step of the sample-based 100,000-step panels (see docstring)
     sigma=0.1,          # std of view 2's perturbation (Sec. 3)
     alpha=1.0,          # W_P = (W W^T)^alpha (notebook)
     N=15, M=10,         # eigenvalue panels, Figs. 2 and 6 (Sec. 3)
@@ -102,7 +112,7 @@ DEFAULTS = dict(
     traj_inputs=5_000, traj_shown=20,  # the 20 highest-norm of 5,000 fixed inputs are drawn (notebook)
     points=500,         # recorded points per run (at least 200)
 )
-QUICK = dict(samples=2_000, steps=200, nopred_steps=2_000, nopred_samples=256, points=200)
+QUICK = dict(samples=2_000, steps=200, nopred_steps=2_000, nopred_samples=128, points=200)
 
 
 # ----------------------------------------------------------------------------
@@ -208,7 +218,9 @@ def simulate(runs, steps, samples, seed=0, antithetic=False, moment_samples=DEFA
         loss = 0
         for r, W in zip(runs, Ws):
             x1, x2 = moments if r.moments else views
-            z1, z2 = embed(x1[:, :W.shape[1]], W, r.relu), embed(x2[:, :W.shape[1]], W, r.relu)
+            z1 = embed(x1[:, :W.shape[1]], W, r.relu)
+            with torch.set_grad_enabled("nosg" in r.setting):       # the target branch: SG unless nosg
+                z2 = embed(x2[:, :W.shape[1]], W, r.relu)
             W_P = W_P_half = None
             if "nopred" not in r.setting:
                 W_P, W_P_half = isoloss.predictor(W.detach() @ W.detach().T, alpha, normalize=False)
@@ -278,11 +290,15 @@ def trajectory_runs(cfg):
     return {s: Run(s, W0, cfg["traj_lr"], fixed=fixed) for s in SETTINGS}
 
 
-def fig5_runs(cfg):
-    """Fig. 5: M=2, three initialisations (W0, 2 W0, randn / 2), Euclidean vs cosine."""
+def fig5_runs(cfg, trajectories=None):
+    """Fig. 5: M=2, three initialisations (W0, 2 W0, randn / 2), Euclidean vs cosine. The first
+    is the trajectory panels' run of the same loss (same W0 and lr): reused when given."""
     W0 = initial_weights(cfg, cfg["traj_M"], cfg["traj_N"])
     inits = [W0, 2 * W0, torch.randn(cfg["traj_M"], cfg["traj_N"]) / 2]
-    return {loss: [Run(loss, W, cfg["traj_lr"]) for W in inits] for loss in ("euc", "cos")}
+    runs = {loss: [Run(loss, W, cfg["traj_lr"]) for W in inits] for loss in ("euc", "cos")}
+    for loss in runs if trajectories else ():
+        runs[loss][0] = trajectories[loss]
+    return runs
 
 
 FIGURES = ("fig2", "fig6", "fig5")
@@ -296,7 +312,7 @@ def build_runs(cfg, only=None):
     if only in (None, "fig6"):
         figs["fig6"] = fig2_runs(cfg, relu=True)
     if only in (None, "fig5"):
-        figs["fig5"] = fig5_runs(cfg)
+        figs["fig5"] = fig5_runs(cfg, figs.get("trajectories"))
     return figs
 
 
@@ -315,47 +331,59 @@ class Job:
     antithetic: bool = False
 
 
+JOBS = (  # name, the figures' entries whose runs it simulates, which of their runs
+    ("fig2 no-predictor", ("fig2",), lambda r: r.long),
+    ("fig6 no-predictor", ("fig6",), lambda r: r.long),
+    ("fig2 main", ("fig2",), lambda r: not r.long),
+    ("fig6 main", ("fig6",), lambda r: not r.long),
+    ("M=2 panels", ("trajectories", "fig5"), lambda r: True),
+)  # in this order, two workers pack the jobs into ~205 s each (measured costs 98, 82, 74, 107, 53 s)
+
+
 def build_jobs(cfg, figs):
-    """One job per figure for its 1,500-step runs, and one for all 100,000-step no-predictor runs
-    (``--nopred-samples`` antithetic views). Fixed seeds per job: the results do not depend on
-    ``--only`` or ``--jobs``. The long job comes first: it is the longest."""
-    runs = {fig: [r for key in keys if key in figs for r in flatten(figs[key])]
-            for fig, keys in (("fig2", ("fig2", "trajectories")), ("fig6", ("fig6",)), ("fig5", ("fig5",)))}
-    long = [r for rs in runs.values() for r in rs if r.long]
-    jobs = [Job("no-predictor", long, cfg["nopred_steps"], cfg["nopred_samples"], cfg["seed"] + 10, True)] if long else []
-    for i, (fig, rs) in enumerate(runs.items()):
-        if any(not r.long for r in rs):
-            jobs.append(Job(fig, [r for r in rs if not r.long], cfg["steps"], cfg["samples"], cfg["seed"] + 20 + 2 * i))
+    """The independent simulations, in the order the process pool takes them. The 100,000-step
+    no-predictor runs see ``--nopred-samples`` antithetic views. Each job has fixed seeds and
+    always the same input size, so results do not depend on ``--only`` or ``--jobs``."""
+    jobs = []
+    for i, (name, keys, chosen) in enumerate(JOBS):
+        runs = list({id(r): r for key in keys if key in figs for r in flatten(figs[key]) if chosen(r)}.values())
+        if runs:
+            long = runs[0].long
+            jobs.append(Job(name, runs, cfg["nopred_steps"] if long else cfg["steps"],
+                            cfg["nopred_samples"] if long else cfg["samples"], cfg["seed"] + 10 * (i + 1), long))
     return jobs
 
 
 def run_job(job, cfg):
-    """Simulate one job; returns the runs' records and the seconds it took."""
+    """Simulate one job and its theory curves; returns the runs' records and the seconds it took."""
     start = time.perf_counter()
     simulate(job.runs, job.steps, job.samples, job.seed, job.antithetic,
              cfg["samples"], cfg["sigma"], cfg["alpha"], cfg["points"])
+    for r in job.runs:
+        r.out["theory"] = None if r.relu else theory(
+            r.setting, r.out["eigenvalues"][0], r.out["steps"], r.lr, cfg["sigma"], cfg["alpha"])
     return [r.out for r in job.runs], time.perf_counter() - start
 
 
+def run_jobs(jobs, cfg, workers):
+    """Run ``jobs``; ``workers`` > 1: in parallel processes of one thread each (the toy's tensors
+    are too small for threads to pay, processes do). Returns [(records, seconds)] per job."""
+    if workers == 1:
+        return [run_job(job, cfg) for job in jobs]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), context, torch.set_num_threads, (1,)) as pool:
+        return list(pool.map(run_job, jobs, [cfg] * len(jobs)))
+
+
 def run_all(cfg, only=None, workers=1):
-    """Simulate the chosen figures; ``workers`` > 1 runs the jobs in parallel processes of one
-    thread each (the toy's tensors are too small for threads to pay; processes do)."""
+    """Simulate the chosen figures; returns their runs (records and theory in ``run.out``) and job timings."""
     figs = build_runs(cfg, only)
     jobs = build_jobs(cfg, figs)
-    if workers > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), context, torch.set_num_threads, (1,)) as pool:
-            results = list(pool.map(run_job, jobs, [cfg] * len(jobs)))
-    else:
-        results = [run_job(job, cfg) for job in jobs]
     seconds = {}
-    for job, (outs, sec) in zip(jobs, results):
+    for job, (outs, sec) in zip(jobs, run_jobs(jobs, cfg, workers)):
         for r, out in zip(job.runs, outs):
             r.out = out
         seconds[job.name] = round(sec, 2)
-    for r in (r for runs in figs.values() for r in flatten(runs)):
-        r.out["theory"] = None if r.relu else theory(
-            r.setting, r.out["eigenvalues"][0], r.out["steps"], r.lr, cfg["sigma"], cfg["alpha"])
     return figs, seconds
 
 
@@ -365,9 +393,9 @@ def run_all(cfg, only=None, workers=1):
 
 def plot_eigenvalues(ax, run, title, color=None):
     steps, eig = run.out["steps"], torch.tensor(run.out["eigenvalues"])
-    ax.plot(steps, eig.clamp(min=1e-12).numpy(), lw=1.2, color=color)
+    ax.plot(steps, eig.clamp(min=1e-16).numpy(), lw=1.2, color=color)
     if run.out["theory"] is not None:
-        ax.plot(steps, torch.tensor(run.out["theory"]).clamp(min=1e-12).numpy(), "k--", lw=0.8)
+        ax.plot(steps, torch.tensor(run.out["theory"]).clamp(min=1e-16).numpy(), "k--", lw=0.8)
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
 
@@ -442,37 +470,34 @@ def summary(name, run):
 # Benchmark: the toy's step vs the plain per-sample loop
 # ----------------------------------------------------------------------------
 
-def bench(cfg, workers, repeats=5, steps=10):
-    """Project the full default run from median seconds per step, for
-    - the plain per-sample loop: one setting at a time, ``samples`` fresh samples every step for
-      every setting (the paper's notebook), default threads;
-    - the toy: its jobs (common samples, moment batches, fewer no-predictor samples), one thread
-      each, packed on ``workers`` processes in the order ``run_all`` submits them."""
-    def per_step(runs, n, antithetic=False):
+def bench(cfg, workers, part=20, repeats=3, steps=5):
+    """The full default run, projected side by side in one run for
+    - the plain per-sample loop: one setting at a time, ``samples`` fresh samples per step for
+      every setting (the paper's notebook), default threads: median seconds per step x steps;
+    - the toy: every job run for 1/``part`` of its steps in the real process pool (so the
+      workers' competition for memory is included), scaled up and packed on ``workers``."""
+    def per_step(run):
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            simulate(runs, steps, n, antithetic=antithetic, moment_samples=cfg["samples"], points=1)
+            simulate([run], steps, cfg["samples"], moment_samples=cfg["samples"], points=1)
             times.append((time.perf_counter() - start) / steps)
         return sorted(times)[len(times) // 2]
 
     jobs = build_jobs(cfg, build_runs(cfg))
-    plain = sum(job.steps * per_step([Run(r.setting, r.W0, r.lr, r.relu, exact_moments=False)], cfg["samples"])
+    plain = sum(job.steps * per_step(Run(r.setting, r.W0, r.lr, r.relu, exact_moments=False))
                 for job in jobs for r in job.runs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    job_seconds = [job.steps * per_step(job.runs, job.samples, job.antithetic) for job in jobs]
-    torch.set_num_threads(threads)
-    free = [0.0] * max(1, workers)               # when each worker is free again
+    short = [Job(j.name, j.runs, j.steps // part, j.samples, j.seed, j.antithetic) for j in jobs]
+    job_seconds = [sec * part for _, sec in run_jobs(short, cfg, workers)]
+    free = [0.0] * min(workers, len(jobs))          # when each worker is free again
     for sec in job_seconds:
         free[free.index(min(free))] += sec
-    ours = max(free)
-    print(f"plain per-sample loop, one setting at a time: {plain:8.0f} s (projected full run)")
+    print(f"plain per-sample loop, one setting at a time: {plain:7.0f} s (projected full run)")
     for job, sec in zip(jobs, job_seconds):
-        print(f"  toy job {job.name:<18} {len(job.runs):2d} runs x {job.steps} steps: {sec:6.0f} s on one core")
-    print(f"toy on {len(free)} process(es): {ours:8.0f} s (projected full run)")
-    print(f"ratio: {plain / ours:.0f}x")
-    return plain, ours
+        print(f"  toy job {job.name:<18} {len(job.runs):2d} runs x {job.steps:6d} steps: {sec:5.0f} s")
+    print(f"toy, {len(free)} process(es):                    {max(free):7.0f} s (projected full run)")
+    print(f"ratio: {plain / max(free):.0f}x")
+    return plain, max(free)
 
 
 # ----------------------------------------------------------------------------
@@ -503,8 +528,9 @@ def parse_args(argv=None):
     for key in ("samples", "steps", "nopred_steps", "nopred_samples"):
         if cfg[key] < 1:
             p.error(f"--{key.replace('_', '-')} must be positive")
-    if min(cfg["samples"], cfg["nopred_samples"]) < 2 * cfg["N"]:
-        p.error(f"--samples and --nopred-samples must be at least {2 * cfg['N']} (the moment batches need n >= 2N)")
+    if cfg["samples"] < 2 * cfg["N"] or cfg["nopred_samples"] < 2:
+        p.error(f"--samples must be at least {2 * cfg['N']} (a moment batch needs n >= 2N) "
+                "and --nopred-samples at least 2 (one antithetic pair)")
     return args, cfg
 
 
