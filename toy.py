@@ -5,7 +5,7 @@ with the theory's predictions drawn beside the simulation.
     python toy.py --quick         # seconds, small sample and step counts (for tests)
     python toy.py --bench         # the plain per-sample loop vs the toy, projected to the full run
 
-Setup (the paper's notebook; DESIGN.md "Toy"): a linear Siamese network
+Setup (the paper's notebook, Sec. 3): a linear Siamese network
 ``z = W x`` (``W`` (M, N)), standard Gaussian inputs drawn fresh every step,
 views ``x1 = x`` and ``x2 = x + sigma * eps`` (only view 2 is perturbed, so
 ``E[x1 x1^T] = E[x2 x1^T] = I``), closed-form predictor ``W_P = (W W^T)^alpha``
@@ -147,6 +147,7 @@ def draw_moment_batch(n, N, sigma):
     """
     d = 2 * N
     T = torch.randn(d, d, dtype=torch.float64).tril_(-1)
+    # chi^2(k) = 2 Gamma(k / 2): torch.distributions.Chi2 samples it this way, at 5x the per-call cost
     T.diagonal().copy_(torch._standard_gamma((n - torch.arange(d, dtype=torch.float64)) / 2).mul_(2).sqrt_())
     Y = (mixing(N, sigma) @ T).T * math.sqrt(d / n)     # (2N, 2N) pseudo-rows (x1, x2)
     return Y[:, :N], Y[:, N:]
@@ -301,9 +302,6 @@ def fig5_runs(cfg, trajectories=None):
     return runs
 
 
-FIGURES = ("fig2", "fig6", "fig5")
-
-
 def build_runs(cfg, only=None):
     """The runs of the chosen figures: {figure: {setting: Run}} ({loss: [Run]} for fig5)."""
     figs = {}
@@ -317,6 +315,7 @@ def build_runs(cfg, only=None):
 
 
 def flatten(runs):
+    """The Run objects of one figure's entry ({setting: Run} or {loss: [Run]})."""
     return [r for rs in runs.values() for r in (rs if isinstance(rs, list) else [rs])]
 
 

@@ -177,7 +177,7 @@ def get_config(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Data: two asymmetric views per image (Table 4, DESIGN.md), un-augmented images for evaluation
+# Data: two asymmetric views per image (App. D, Table 4), un-augmented images for evaluation
 # -----------------------------------------------------------------------------
 
 # PIL's GaussianBlur(radius=sigma), which the reference code uses, has sigma in pixels, (0.1, 2);
@@ -554,7 +554,7 @@ def set_lr(opt, step, cfg):
 
 def log_progress(run, cfg, i, n, loss, lr, t_epoch):
     """One progress line: epoch, step, mean loss of the epoch so far, lr, images/s of the epoch so far,
-    and the ETA from this session's pace (evaluation and checkpoints included)."""
+    and the ETA from the pace since this process started (evaluation and checkpoints included)."""
     if not math.isfinite(loss):
         fail(f"the loss became {loss} in epoch {run.epoch + 1}, step {run.step}; the last finished "
              f"epoch is in {os.path.join(cfg.out, 'last.pt')}")
@@ -712,7 +712,7 @@ def start_outputs(cfg, run, train_loader):
     print(f"{cfg.dataset}: {len(train_loader.dataset)} training images, {cfg.steps_per_epoch} steps/epoch; "
           f"{cfg.arch} ({cfg.stem} stem), {cfg.predictor} predictor, loss {cfg.loss}, {target}, "
           f"{cfg.optimizer} lr {cfg.lr_scaled:g} wd {cfg.wd:g}; {cfg.device}; out {cfg.out}", flush=True)
-    run.t0, run.step0 = time.time(), run.step           # this session's pace, for the ETA
+    run.t0, run.step0 = time.time(), run.step           # the pace since this process started, for the ETA
 
 
 def main(argv=None):
