@@ -206,6 +206,7 @@ def simulate(runs, steps, samples, seed=0, antithetic=False, moment_samples=DEFA
     torch.manual_seed(seed + 1)                              # moment batches
     Ws = [r.W0.to(torch.float64 if r.moments else torch.float32, copy=True).requires_grad_() for r in runs]
     N = max(r.W0.shape[1] for r in runs)
+    need_views, need_moments = not all(r.moments for r in runs), any(r.moments for r in runs)
     every = max(1, steps // points)
     for r in runs:
         r.out.update(steps=[], eigenvalues=[], trajectory=[])
@@ -214,8 +215,8 @@ def simulate(runs, steps, samples, seed=0, antithetic=False, moment_samples=DEFA
             record(runs, Ws, t)
         if t == steps:
             break
-        views = draw_views(samples, N, sigma, generator, antithetic) if not all(r.moments for r in runs) else None
-        moments = draw_moment_batch(moment_samples, N, sigma) if any(r.moments for r in runs) else None
+        views = draw_views(samples, N, sigma, generator, antithetic) if need_views else None
+        moments = draw_moment_batch(moment_samples, N, sigma) if need_moments else None
         loss = 0
         for r, W in zip(runs, Ws):
             x1, x2 = moments if r.moments else views
@@ -524,7 +525,6 @@ def parse_args(argv=None):
     for key in ("samples", "steps", "nopred_steps", "nopred_samples"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    for key in ("samples", "steps", "nopred_steps", "nopred_samples"):
         if cfg[key] < 1:
             p.error(f"--{key.replace('_', '-')} must be positive")
     if cfg["samples"] < 2 * cfg["N"] or cfg["nopred_samples"] < 2:
