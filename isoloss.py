@@ -40,7 +40,7 @@ import functools
 import torch
 
 __all__ = ["correlation", "ema_update", "predictor", "loss_euc", "loss_cos",
-           "loss_iso_euc", "loss_iso_cos", "ClosedFormPredictor"]
+           "loss_iso_euc", "loss_iso_cos", "straight_through", "ClosedFormPredictor"]
 
 
 def _float32(fn):
@@ -89,6 +89,27 @@ def ema_update(C, z, tau):
     return tau * C + (1 - tau) * correlation(z)
 
 
+def _eigh(C):
+    """``torch.linalg.eigh(C)``; if it raises or returns non-finite values, retried in float64 on the CPU.
+
+    float32 fails for some finite matrices: cuSOLVER may not converge on an ill-conditioned ``C``
+    (seen under AMP on CUDA), and an eigenvalue beyond float32's range (~3.4e38) comes back as inf.
+    Both are fine in float64; the predictor normalises ``s / max(s)`` before anything is cast back.
+    The retry raises ``torch.linalg.LinAlgError`` if float64 fails too (e.g. a ``C`` holding NaN).
+    On CUDA ``eigh`` synchronises with the CPU anyway (torch docs), so the check adds no wait.
+    """
+    try:
+        s, U = torch.linalg.eigh(C)                  # (..., M), (..., M, M)
+        if torch.isfinite(s).all() and torch.isfinite(U).all():
+            return s, U
+    except torch.linalg.LinAlgError:
+        pass
+    s, U = torch.linalg.eigh(C.detach().double().cpu())
+    if not (torch.isfinite(s).all() and torch.isfinite(U).all()):
+        raise torch.linalg.LinAlgError("linalg.eigh: non-finite result in float64 (is C finite?)")
+    return s.to(C.device), U.to(C.device)
+
+
 @_float32
 @torch.no_grad()
 def predictor(C, alpha=0.5, eps=0.0, normalize=True):
@@ -107,15 +128,18 @@ def predictor(C, alpha=0.5, eps=0.0, normalize=True):
     An all-zero ``C`` gives ``W_P = eps ** alpha * I`` (finite, no NaN).
     ``torch.linalg.eigh`` replaces the reference code's general ``eig``:
     ``C`` is symmetric, and ``eigh`` is faster and returns real, orthonormal U.
+    Where ``eigh`` fails in float32 for a finite ``C``, it is retried in float64
+    on the CPU (``_eigh``); ``W_P`` is then built in float64 and returned in
+    ``C``'s dtype.
     """
-    s, U = torch.linalg.eigh(C)                      # (M,), (M, M)
+    s, U = _eigh(C)                                  # (M,), (M, M)
     s = s.clamp(min=0)
     if normalize:
         s = s / s.amax(-1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
     lambda_ = (s + eps) ** alpha                     # (M,) eigenvalues of W_P
     W_P = (U * lambda_[..., None, :]) @ U.mT         # U diag(lambda_) U^T
     W_P_half = (U * lambda_.sqrt()[..., None, :]) @ U.mT
-    return W_P, W_P_half
+    return W_P.to(C.dtype), W_P_half.to(C.dtype)      # float64 only after a retry in _eigh
 
 
 # ----------------------------------------------------------------------------
@@ -191,6 +215,43 @@ def loss_iso_cos(z1, z2, W_P, W_P_half):
         a = z2 * _inverse(p_norm * z2_norm)[..., None]                      # (B, M)
         b = (p * z2).sum(-1) * _inverse(p_norm ** 3 * z2_norm)              # (B,)
     return (-(z1 * a).sum(-1) + 0.5 * b * q.pow(2).sum(-1)).mean(-1)
+
+
+# ----------------------------------------------------------------------------
+# IsoLoss as a straight-through predictor: any distance (Eqs. 8, 10, 15-17)
+# ----------------------------------------------------------------------------
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``p = z1 W_P^T``; backward ``dL/dz1 = dL/dp`` (``W_P`` skipped)."""
+
+    @staticmethod
+    def forward(ctx, z1, W_P):
+        return z1 @ W_P.mT                           # (B, M)
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        return grad_p, None
+
+
+@_float32
+def straight_through(z1, W_P):
+    """The prediction ``p = W_P z1`` in the forward pass, the identity in the backward pass.
+
+    z1: (B, M); W_P: (M, M). Returns p: (B, M) with the value of ``z1 @ W_P.T`` and
+    ``dL/dz1 = dL/dp``. For any distance ``L(p, SG(z2))`` this is IsoLoss:
+
+    - The chain rule through ``p = W_P z1`` gives ``dL/dz1 = W_P^T dL/dp``. In the eigenbasis
+      of ``W_P`` each mode's gradient is multiplied by its eigenvalue ``lambda_m`` (the
+      leading ``lambda_m`` of Eqs. 8 and 10), so the eigenvalues set the modes' learning rates.
+    - Skipping ``W_P`` in the backward pass removes that factor: Eqs. 8 and 10 without the
+      leading ``lambda_m``. That is what the IsoLosses do by moving the stop-gradients:
+      Eq. 15's ``dL/dz1 = W_P z1 - z2`` is ``dL_euc/dp``, and Eq. 17's gradient is ``dL_cos/dp``
+      (App. C.5). So ``loss_euc(straight_through(z1, W_P), z2)`` has the gradient of
+      ``loss_iso_euc(z1, z2, W_P)`` and ``loss_cos(straight_through(z1, W_P), z2)`` that of
+      ``loss_iso_cos``, while their values are those of ``loss_euc`` and ``loss_cos``.
+    - It needs no ``W_P^{1/2}`` and works for any distance, e.g. a smooth L1.
+    """
+    return _StraightThrough.apply(z1, W_P)
 
 
 # ----------------------------------------------------------------------------

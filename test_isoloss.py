@@ -142,6 +142,28 @@ def test_all_zero_C_is_finite():
         torch.testing.assert_close(W_P, eps ** alpha * torch.eye(M))
 
 
+def test_predictor_retries_a_failing_float32_eigh_in_float64():
+    """A finite float32 C whose largest eigenvalue (8 * 3e38) overflows float32: eigh returns inf.
+    The retry in float64 gives the predictor of C / 3e38, which float32 handles (Eq. 1 normalises
+    s / max(s), so W_P does not depend on C's scale)."""
+    u = torch.randn(8, 3, dtype=DT)
+    C = (u @ u.T + 3 * torch.eye(8, dtype=DT)) / 11                # entries of order 1, PSD
+    big = (C * 3e38).float()
+    assert torch.isfinite(big).all() and not torch.isfinite(torch.linalg.eigvalsh(big)).all()
+    W_P, W_P_half = isoloss.predictor(big, 0.5, 0.0)
+    assert W_P.dtype == torch.float32 and torch.isfinite(W_P).all()
+    expected = isoloss.predictor(C, 0.5, 0.0)
+    torch.testing.assert_close(W_P.double(), expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(W_P_half.double(), expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_predictor_of_a_non_finite_C_raises_linalg_error():
+    C = rand_C()[0].float()
+    C[0, 1] = C[1, 0] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError):
+        isoloss.predictor(C)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_predictor_half_input_works_in_float32(dtype):
     C, _, _ = rand_C()
@@ -255,6 +277,66 @@ def test_iso_cos_value_from_eq17_term_by_term(setting):
     first = -(z1 * z2).sum(1) / (n1 * n2)
     second = 0.5 * (p * z2).sum(1) / (n1 ** 3 * n2) * ((z1 @ W_P_half.T) ** 2).sum(1)
     torch.testing.assert_close(isoloss.loss_iso_cos(z1, z2, W_P, W_P_half), (first + second).mean())
+
+
+# ---------------------------------------------------------------- IsoLoss as a straight-through predictor
+
+PAIRS = [("loss_euc", lambda z1, z2, W, Wh: isoloss.loss_iso_euc(z1, z2, W)),
+         ("loss_cos", lambda z1, z2, W, Wh: isoloss.loss_iso_cos(z1, z2, W, Wh))]
+
+
+@pytest.mark.parametrize("base,iso", PAIRS)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_base_loss_of_straight_through_has_base_value_and_iso_gradient(base, iso, stacked):
+    """base(straight_through(z1, W_P), z2): the value of base(z1, z2, W_P), the z1-gradient of the
+    IsoLoss (Eqs. 15, 17), in float64 to round-off; with leading dimensions (S, B, M) too."""
+    shape = (3, B, M) if stacked else (B, M)
+    Cs = torch.stack([rand_C(seed=s)[0] for s in range(3)]) if stacked else rand_C()[0]
+    W_P, W_P_half = isoloss.predictor(Cs, 0.5, 0.05)
+    z1 = torch.randn(shape, dtype=DT, requires_grad=True)
+    z2 = z1.detach() + 0.3 * torch.randn(shape, dtype=DT)
+    fn = getattr(isoloss, base)
+    st = fn(isoloss.straight_through(z1, W_P), z2)                 # (S,) or ()
+    torch.testing.assert_close(st, fn(z1, z2, W_P), rtol=1e-12, atol=1e-12)
+    (g_st,) = torch.autograd.grad(st.sum(), z1)
+    (g_iso,) = torch.autograd.grad(iso(z1, z2, W_P, W_P_half).sum(), z1)
+    torch.testing.assert_close(g_st, g_iso, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("base,iso", PAIRS)
+def test_straight_through_under_autocast(base, iso, dtype):
+    """Under autocast with half inputs: float32 math (value as the base loss computes it), the
+    gradient of the IsoLoss, returned in the input's dtype; both close to float64."""
+    C = rand_C()[0]
+    W_P, W_P_half = (w.float() for w in isoloss.predictor(C, 0.5))
+    z1 = torch.randn(B, M).to(dtype).requires_grad_()
+    z2 = (z1.detach().float() + 0.3 * torch.randn(B, M)).to(dtype)
+    fn = getattr(isoloss, base)
+    with torch.autocast("cpu", dtype=dtype):
+        p = isoloss.straight_through(z1, W_P)
+        st, ref = fn(p, z2), fn(z1, z2, W_P)
+        (g_st,) = torch.autograd.grad(st, z1)
+        (g_iso,) = torch.autograd.grad(iso(z1, z2, W_P, W_P_half), z1)
+    assert p.dtype == torch.float32 and g_st.dtype == dtype
+    torch.testing.assert_close(st, ref, rtol=1e-6, atol=1e-6)
+    z1_64 = z1.detach().double().requires_grad_()
+    exact = fn(isoloss.straight_through(z1_64, W_P.double()), z2.double())
+    torch.testing.assert_close(st.double(), exact, rtol=1e-5, atol=1e-5)
+    (g_exact,) = torch.autograd.grad(exact, z1_64)
+    tol = dict(rtol=2e-2, atol=1e-2 * g_exact.abs().max().item())  # the gradients' half-precision rounding
+    torch.testing.assert_close(g_st.double(), g_exact, **tol)
+    torch.testing.assert_close(g_iso.double(), g_exact, **tol)
+
+
+def test_straight_through_passes_any_distances_gradient_unchanged(setting):
+    """A distance of the user's own (smooth L1): dL/dz1 through straight_through == dL/dp at p = W_P z1."""
+    z1, z2, W_P, _ = setting
+    distance = lambda p, t: torch.nn.functional.smooth_l1_loss(p, t.detach(), beta=0.5)
+    p = (z1.detach() @ W_P.T).requires_grad_()
+    p_st = isoloss.straight_through(z1, W_P)
+    torch.testing.assert_close(p_st, p, rtol=0, atol=0)             # the forward value is W_P z1 exactly
+    torch.testing.assert_close(grad(distance(p_st, z2), z1), grad(distance(p, z2), p))
 
 
 # ---------------------------------------------------------------- Ablations: stop-grad and predictor (Eqs. 12-14)

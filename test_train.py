@@ -4,10 +4,12 @@ torchvision checks the md5 sums of the CIFAR and STL-10 files; the `no_md5` fixt
 files through for the tests (train.py itself never skips that check: see test_md5_check_is_kept).
 """
 import json
+import math
 import os
 import pickle
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -124,8 +126,8 @@ def no_md5(monkeypatch):
 
 
 def config(argv):
-    """The resolved config train.main would use for `argv`."""
-    return train.get_config(argv)
+    """The resolved config train.main would use for `argv` (on the CPU, whatever the machine has)."""
+    return train.get_config(["--device=cpu", *argv])
 
 
 def load(argv):
@@ -152,9 +154,13 @@ def run(tmp_path, dataset, *extra, out="run"):
     return out, train.main(argv)
 
 
-def read_metrics(out):
-    with open(out / "metrics.jsonl") as f:
+def read_jsonl(path):
+    with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def read_metrics(out):
+    return read_jsonl(out / "metrics.jsonl")
 
 
 # -----------------------------------------------------------------------------
@@ -261,10 +267,8 @@ def test_ssl_loss_scale_and_C_update():
         p1, p2 = z1 @ W_P, z2 @ W_P                                # W_P is symmetric
         if loss.endswith("euc"):   # the value of the Euclidean IsoLoss equals that of L_euc
             expected = ((p1 - z2_t) ** 2).sum(1).mean() + ((p2 - z1_t) ** 2).sum(1).mean()
-        elif loss == "cos":
+        else:                      # the cosine IsoLoss logs the value of L_cos (straight-through form)
             expected = -2 * (F.cosine_similarity(p1, z2_t).mean() + F.cosine_similarity(p2, z1_t).mean())
-        else:
-            continue
         assert torch.allclose(L, expected, atol=1e-5), loss
     cfg = config(["--dataset=cifar10", "--predictor=mlp", "--loss=cos", "--proj-dim=6", "--pred-hidden=8"])
     model, _ = train.build_model(cfg, 10)
@@ -288,6 +292,35 @@ def test_iso_loss_gradient_is_straight_through(loss):
     base = ((p - z2_t) ** 2).sum(1).mean() if loss == "iso_euc" else -2 * F.cosine_similarity(p, z2_t).mean()
     base.backward()
     assert torch.allclose(z1.grad, p.grad, atol=1e-6)
+
+
+def test_straight_through_step_equals_the_eq17_step(tmp_path, no_md5, monkeypatch):
+    """One training step of --loss iso_cos (the cosine loss of a straight-through prediction) makes the
+    same parameter update as one with Eq. 17 written out (isoloss.loss_iso_cos with W_P^{1/2})."""
+    write_cifar(str(tmp_path))
+    cfg = config(["--dataset=cifar10", f"--data-dir={tmp_path}", "--image-size=16", *SMALL, "--limit=8"])
+
+    def update():
+        run_, loaders = train.setup(cfg)
+        loaders.train.generator.manual_seed(0)
+        (x1, x2), y = next(iter(loaders.train))
+        before = {k: v.clone() for k, v in run_.model.state_dict().items()}
+        train.set_lr(run_.opt, cfg.warmup_steps, cfg)               # the base lr: a step of full size
+        train.train_step(run_, x1, x2, y, cfg, 0.99)
+        return {k: v - before[k] for k, v in run_.model.state_dict().items() if v.is_floating_point()}
+
+    straight = update()
+
+    def eq17(kind, z1, z2_t, W_P=None):
+        lam, U = torch.linalg.eigh(W_P.double())
+        W_P_half = ((U * lam.clamp(min=0).sqrt()) @ U.T).float()
+        return isoloss.loss_iso_cos(z1, z2_t, W_P, W_P_half)
+    monkeypatch.setattr(train, "pair_loss", eq17)
+    written_out = update()
+    for k in ("encoder.projector.3.weight", "encoder.backbone.conv1.weight"):
+        assert straight[k].abs().max() > 1e-4                       # updates well above the round-off
+    for k in straight:                                              # float32 round-off of parameters ~1
+        torch.testing.assert_close(straight[k], written_out[k], rtol=1e-4, atol=1e-6)
 
 
 def test_probe_ignores_unlabelled_images():
@@ -335,18 +368,48 @@ def test_param_groups_exclude_biases_norms_and_probe():
     assert (sgd.optimizer, sgd.lr, sgd.wd, sgd.tau) == ("sgd", 0.1, 1e-5, 0.5)
 
 
+def warmup_steps(argv, steps_per_epoch):
+    cfg = config(["--dataset=cifar10", *argv])
+    train.schedule(cfg, steps_per_epoch)
+    return cfg.warmup_steps
+
+
 def test_schedules():
     cfg = config(["--dataset=cifar10"])
-    cfg.steps_per_epoch, cfg.total_steps, cfg.warmup_steps = 10, 10_000, 100
-    assert cfg.warmup_epochs == 10 and train.lr_at(0, 1.0, cfg) == pytest.approx(3e-5)
+    train.schedule(cfg, 10)
+    assert (cfg.total_steps, cfg.warmup_steps) == (10_000, 100)     # 10 of 1000 epochs (App. D)
+    assert train.lr_at(0, 1.0, cfg) == pytest.approx(3e-5)
     assert train.lr_at(50, 1.0, cfg) == pytest.approx((3e-5 + 1) / 2)
     assert train.lr_at(100, 1.0, cfg) == pytest.approx(1.0)
     assert train.lr_at(5050, 1.0, cfg) == pytest.approx(0.5)
     assert train.lr_at(9999, 1.0, cfg) < 1e-6
     assert train.ema_at(0, cfg) == pytest.approx(0.99) and train.ema_at(5000, cfg) == pytest.approx(0.995)
     assert train.ema_at(10_000, cfg) == pytest.approx(1.0)
-    assert config(["--dataset=cifar10", "--epochs=30"]).warmup_epochs == 3
-    assert config(["--dataset=cifar10", "--epochs=5"]).warmup_epochs == 0
+
+
+def test_warmup_rule_short_runs_warm_up_too():
+    """10 epochs, at most a quarter of the run, at least one step; --warmup-epochs E: ceil(E x steps)."""
+    assert warmup_steps(["--epochs=100"], 234) == 2340                # 10 epochs
+    assert warmup_steps(["--epochs=8"], 234) == 468                   # a quarter: 2 of 8 epochs
+    assert warmup_steps(["--epochs=1"], 2) == 1                       # never zero by default
+    assert warmup_steps(["--epochs=8", "--warmup-epochs=0.5"], 234) == 117
+    assert warmup_steps(["--epochs=8", "--warmup-epochs=0"], 234) == 0
+
+
+def test_first_step_runs_at_the_warmup_start_lr(tmp_path, no_md5, monkeypatch):
+    """The lr of the very first step is warmup_start_lr (default on, also for a 1-epoch run), and the
+    resolved warmup_steps is in config.json; with --warmup-epochs 0 the first step runs at the base lr."""
+    lrs, step = [], train.train_step
+
+    def record(run, *args):
+        lrs.append([g["lr"] for g in run.opt.param_groups])
+        return step(run, *args)
+    monkeypatch.setattr(train, "train_step", record)
+    out, _ = run(tmp_path, "cifar10", "--warmup-start-lr=1e-4")
+    assert lrs[0] == [1e-4] * 3 and json.loads((out / "config.json").read_text())["warmup_steps"] == 1
+    lrs.clear()
+    run(tmp_path, "cifar10", "--warmup-epochs=0", out="cold")
+    assert lrs[0] == pytest.approx([1.0 * 4 / 256, 1.0 * 4 / 256, 0.1 * 4 / 256])
 
 
 # -----------------------------------------------------------------------------
@@ -394,9 +457,9 @@ def test_limit_and_training_changes_weights(tmp_path, no_md5):
 def test_eval_does_not_move_C(tmp_path, no_md5):
     write_cifar(str(tmp_path))
     cfg = config(["--dataset=cifar10", f"--data-dir={tmp_path}", "--image-size=16", *SMALL])
-    run_, _, eval_loader = train.setup(cfg)
+    run_, loaders = train.setup(cfg)
     run_.model.predictor.C.fill_(0.5)
-    train.evaluate(run_.model, eval_loader, cfg)
+    train.evaluate(run_.model, loaders, cfg)
     assert torch.equal(run_.model.predictor.C, torch.full((16, 16), 0.5))
 
 
@@ -426,6 +489,161 @@ def test_resume_is_exact(tmp_path, no_md5, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# Diagnostics: spectrum, collapse monitors, alignment, k-NN, plots
+# -----------------------------------------------------------------------------
+
+def test_monitors_of_a_healthy_and_a_collapsed_embedding():
+    """Monitors from C's eigenvalues and z_std, against formulas computed here without an
+    eigendecomposition where possible: participation ratio = tr(C)^2 / tr(C^2), top share = spectral
+    norm / trace; isotropic embeddings are healthy, near-rank-one ones collapsed."""
+    g = torch.Generator().manual_seed(0)
+    healthy = torch.randn(4096, 16, generator=g, dtype=torch.float64)            # isotropic
+    direction = torch.randn(16, generator=g, dtype=torch.float64)
+    collapsed = (1 + torch.rand(4096, 1, generator=g, dtype=torch.float64)) * direction + \
+        1e-3 * torch.randn(4096, 16, generator=g, dtype=torch.float64)          # one direction
+    for z, is_collapsed in ((healthy, False), (collapsed, True)):
+        C = z.T @ z / len(z)
+        s = torch.linalg.eigvalsh(C).flip(0)
+        zn = z / z.norm(dim=1, keepdim=True)
+        expected_z_std = np.std(zn.numpy(), axis=0, ddof=1).mean() * 4                  # sqrt(16)
+        assert train.z_std(z).item() == pytest.approx(expected_z_std, rel=1e-6)
+        m = train.monitors(s.tolist(), train.z_std(z).item())
+        assert m["participation_ratio"] == pytest.approx((C.trace() ** 2 / (C @ C).trace()).item(), rel=1e-9)
+        assert m["top_share"] == pytest.approx((torch.linalg.matrix_norm(C, 2) / C.trace()).item(), rel=1e-9)
+        p = s / s.sum()
+        assert m["effective_rank"] == pytest.approx(math.exp(-sum(float(q) * math.log(q) for q in p)), rel=1e-9)
+        assert m["recruited"] == sum(float(v) > 0.01 * float(s[0]) for v in s)
+        assert m["collapsed"] is is_collapsed
+    h = train.monitors(torch.linalg.eigvalsh(healthy.T @ healthy / 4096).tolist(), train.z_std(healthy).item())
+    assert h["participation_ratio"] > 15 and h["recruited"] == 16 and h["z_std"] == pytest.approx(1, abs=0.02)
+    assert h["top_share"] < 0.1 and h["effective_rank"] > 15.5
+    c = train.monitors(torch.linalg.eigvalsh(collapsed.T @ collapsed / 4096).tolist(), train.z_std(collapsed).item())
+    assert c["participation_ratio"] < 1.01 and c["recruited"] == 1 and c["top_share"] > 0.99 and c["z_std"] < 0.01
+    assert train.monitors([0.0] * 4, 0.0)["collapsed"] and train.monitors([1.0, -1e-9], 1.0)["top_share"] == 1.0
+
+
+def test_spectrum_and_monitors_are_logged(tmp_path, no_md5):
+    """spectrum.jsonl: C's eigenvalues every --spectrum-every steps and at every epoch end, equal to
+    eigvalsh of the checkpoint's C; metrics rows carry the monitors of the epoch-end spectrum."""
+    out, row = run(tmp_path, "cifar10", "--epochs=2", "--limit=12", "--spectrum-every=2")
+    spec = read_jsonl(out / "spectrum.jsonl")
+    assert [(r["epoch"], r["step"]) for r in spec] == [(1, 2), (1, 3), (2, 4), (2, 6)]
+    C = torch.load(out / "last.pt", weights_only=True)["model"]["predictor.C"].double()
+    expected = torch.linalg.eigvalsh(C).flip(0)
+    np.testing.assert_allclose(spec[-1]["eigenvalues"], expected.numpy(), rtol=1e-6, atol=1e-12)
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [3, 6]
+    for key in ("participation_ratio", "top_share", "effective_rank", "recruited", "z_std", "collapsed"):
+        assert key in row and all(key in m for m in metrics)
+    assert row["participation_ratio"] == pytest.approx((expected.sum() ** 2 / (expected ** 2).sum()).item())
+    assert 0 < row["z_std"] < 2 and 1 <= row["recruited"] <= 16
+
+
+def test_linear_predictor_logs_its_alignment_with_C(tmp_path, no_md5):
+    """Fig. 4: per epoch, cos(u_i, W_P u_i) for the eigenvectors u_i of C, largest eigenvalue first; a
+    learned predictor keeps a running C of its own (the same EMA), saved with the model."""
+    out, _ = run(tmp_path, "folder", "--predictor=linear", "--loss=euc")
+    (spec,) = read_jsonl(out / "spectrum.jsonl")
+    model = torch.load(out / "last.pt", weights_only=True)["model"]
+    C, W_P = model["stats.C"].double().numpy(), model["predictor.weight"].double().numpy()
+    s, U = np.linalg.eigh(C)
+    for i, u in enumerate(U.T[::-1]):                 # largest eigenvalue first
+        Wu = W_P @ u
+        assert spec["alignment"][i] == pytest.approx(u @ Wu / np.linalg.norm(Wu), abs=1e-6)
+    np.testing.assert_allclose(spec["eigenvalues"], s[::-1], rtol=1e-6, atol=1e-12)
+
+
+def test_knn_accuracy_against_a_naive_loop():
+    """Weighted k-NN: every test point scored with a plain Python loop; chunking does not matter."""
+    g = torch.Generator().manual_seed(3)
+    bank, h = torch.randn(50, 8, generator=g), torch.randn(23, 8, generator=g)
+    bank_y, y = torch.randint(0, 4, (50,), generator=g), torch.randint(0, 4, (23,), generator=g)
+    cfg = types.SimpleNamespace(knn=7, knn_temperature=0.5)
+    hits = 0
+    for x, label in zip(h, y):
+        sims = [(F.cosine_similarity(x, b, dim=0).item(), int(c)) for b, c in zip(bank, bank_y)]
+        votes = [0.0] * 4
+        for sim, c in sorted(sims, reverse=True)[:7]:
+            votes[c] += math.exp(sim / 0.5)
+        hits += votes.index(max(votes)) == label
+    expected = 100 * hits / 23
+    for chunk in (1, 5, 256):
+        assert train.knn_accuracy(bank, bank_y, h, y, 4, cfg, chunk=chunk) == pytest.approx(expected)
+
+
+def test_knn_monitor_in_metrics_uses_labelled_training_images(tmp_path, no_md5):
+    """--knn: knn_acc1 at each evaluation; STL-10's bank holds only the labelled images."""
+    out, row = run(tmp_path, "stl10", "--knn", "--limit=16", "--predictor=mlp", "--loss=cos")
+    assert 0 <= row["knn_acc1"] <= 100 and read_metrics(out)[0]["knn_acc1"] == row["knn_acc1"]
+    cfg = config(["--dataset=stl10", f"--data-dir={tmp_path / 'data'}", "--knn=3", "--limit=12", *SMALL])
+    loaders, _ = train.build_data(cfg)
+    assert list(loaders.bank.dataset.indices) == list(range(8))   # train+unlabeled: 8 labelled first
+    x, y = loaders.bank.dataset[3]
+    assert x.shape == (3, 96, 96) and y == 3                        # un-augmented, labelled
+
+
+def test_plot_writes_the_diagnostic_figures(tmp_path, no_md5):
+    a, _ = run(tmp_path, "folder", "--predictor=linear", "--loss=cos", "--epochs=2", "--knn", out="a")
+    b, _ = run(tmp_path, "folder", "--epochs=2", out="b")
+    written = train.main(["--plot", str(a), str(b)])
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["accuracy_monitors.png", "alignment-a.png", "spectrum.png"]
+    for p in written:
+        assert Image.open(p).size[0] > 300
+    with pytest.raises(SystemExit, match="not a run directory"):
+        train.main(["--plot", str(tmp_path / "data")])
+
+
+# -----------------------------------------------------------------------------
+# Crashes: one line, a "crashed" row, the last good checkpoint kept, exit code 3
+# -----------------------------------------------------------------------------
+
+def test_diverging_lr_crashes_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, no_md5, capsys):
+    out, _ = run(tmp_path, "cifar10", "--no-ema")                     # epoch 1 at the default lr
+    good = (out / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "cifar10", "--no-ema", "--epochs=3", "--lr=1e30", "--resume=auto")
+    assert e.value.code == train.CRASHED == 3
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("train.py: error: crashed at epoch 2, step ")
+    assert "non-finite" in err and "epoch 1" in err
+    last = read_metrics(out)[-1]
+    assert last["crashed"] is True and last["epoch"] == 2 and last["step"] in (3, 4)
+    assert f"step {last['step']}:" in err and (out / "last.pt").read_bytes() == good
+
+
+def test_crash_as_a_process_prints_one_line_and_exits_3(tmp_path):
+    write_cifar(str(tmp_path / "data"))
+    code = ("import sys, torchvision, train; "
+            "torchvision.datasets.cifar.check_integrity = lambda *a, **k: True; train.main(sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", code, "--dataset=cifar10", f"--data-dir={tmp_path / 'data'}",
+                             f"--out={tmp_path / 'run'}", "--image-size=16", "--limit=8", *SMALL, "--no-ema",
+                             "--lr=1e30", "--warmup-epochs=0"],
+                            capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "no epoch finished" in result.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_eigh_failing_in_float32_is_retried_and_a_nan_C_crashes(tmp_path, no_md5):
+    """A finite C whose float32 eigh returns inf (eigenvalues beyond float32's range) trains on (the
+    retry in float64 of isoloss._eigh); a NaN in C stops the epoch with a Crash naming C."""
+    write_cifar(str(tmp_path))
+    cfg = config(["--dataset=cifar10", f"--data-dir={tmp_path}", "--image-size=16", *SMALL, "--limit=8",
+                  f"--out={tmp_path / 'run'}", "--tau=0.999999"])
+    run_, loaders = train.setup(cfg)
+    C = run_.model.predictor.C
+    C.copy_(torch.full((16, 16), 3e38) + torch.eye(16) * 1e37)
+    assert not torch.isfinite(torch.linalg.eigvalsh(C)).all()
+    row = train.train_epoch(run_, loaders, cfg)
+    assert math.isfinite(row["loss"]) and run_.step == 2 and torch.isfinite(C).all()
+    C[0, 0] = float("nan")
+    with pytest.raises(train.Crash, match="non-finite C") as e:
+        train.train_epoch(run_, loaders, cfg)
+    assert e.value.step == 3
+
+
+# -----------------------------------------------------------------------------
 # Bad inputs: one-line errors, no traceback
 # -----------------------------------------------------------------------------
 
@@ -447,25 +665,93 @@ def test_md5_check_is_kept(tmp_path):
         train.main(["--dataset=cifar10", f"--data-dir={tmp_path}", f"--out={tmp_path / 'run'}"])
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--predictor=mlp", "--loss=iso_cos"], None),                    # argparse error, exit code 2
-    (["--batch-size=64"], "fewer than one batch"),
-    (["--resume", "nowhere/last.pt"], "no such file"),
-])
-def test_bad_inputs(tmp_path, no_md5, capsys, argv, match):
+def corrupt_images(root):
+    """A folder tree whose image files hold garbage."""
+    write_folder(str(root))
+    for path in root.rglob("*.png"):
+        path.write_bytes(b"not an image" * 10)
+    return ["--dataset=folder"]
+
+
+def truncated_cifar(root):
+    write_cifar(str(root))
+    path = root / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(path.read_bytes()[:1000])
+    return []
+
+
+def garbage_checkpoint(root):
+    (root / "garbage.pt").write_bytes(os.urandom(2000))
+    return [f"--resume={root / 'garbage.pt'}"]
+
+
+def truncated_checkpoint(root):
+    torch.save(dict(model={"w": torch.randn(100, 100)}, epoch=1, step=2, config={}), root / "ckpt.pt")
+    data = (root / "ckpt.pt").read_bytes()
+    (root / "ckpt.pt").write_bytes(data[:len(data) // 2])
+    return [f"--resume={root / 'ckpt.pt'}"]
+
+
+def out_is_a_file(root):
+    (root / "run").write_text("my notes")
+    return []
+
+
+def existing_run(root):
+    (root / "run").mkdir()
+    (root / "run" / "last.pt").write_bytes(b"a finished run")
+    return []
+
+
+BAD_INPUTS = [  # (name, argv or a function(root) -> argv that prepares the files, exit code, message)
+    # the 13 that ended in a traceback or were accepted
+    ("corrupt image files", corrupt_images, 1, "cannot read the first training image"),
+    ("truncated CIFAR batch", truncated_cifar, 1, "cannot load the data"),
+    ("--alpha -1", ["--alpha=-1"], 2, "--alpha must be >= 0"),
+    ("--eps -0.5", ["--eps=-0.5"], 2, "--eps must be >= 0"),
+    ("--lr -1", ["--lr=-1"], 2, "--lr must be > 0"),
+    ("--image-size 0", ["--image-size=0"], 2, "--image-size must be >= 8"),
+    ("--workers -1", ["--workers=-1"], 2, "--workers must be >= 0"),
+    ("--proj-dim 0", ["--proj-dim=0"], 2, "--proj-dim must be >= 1"),
+    ("--device tpu9", ["--device=tpu9"], 2, "--device tpu9"),
+    ("--resume garbage", garbage_checkpoint, 1, "not a readable train.py checkpoint"),
+    ("--resume truncated", truncated_checkpoint, 1, "not a readable train.py checkpoint"),
+    ("--out is a file", out_is_a_file, 2, "is a file, not a directory"),
+    ("--lr nan", ["--lr=nan"], 2, "--lr must be > 0"),
+    # and those handled before
+    ("learned predictor with IsoLoss", ["--predictor=mlp", "--loss=iso_cos"], 2, "needs --predictor closed"),
+    ("batch larger than the data", ["--batch-size=64"], 1, "fewer than one batch"),
+    ("--resume of a missing file", ["--resume=nowhere/last.pt"], 1, "no such file"),
+    ("existing run", existing_run, 1, "already holds a run"),
+    ("--epochs 0", ["--epochs=0"], 2, "--epochs must be >= 1"),
+    ("--ema 1", ["--ema=1"], 2, "--ema must be in [0, 1)"),
+    ("--tau 1.5", ["--tau=1.5"], 2, "--tau must be in [0, 1)"),
+    ("--warmup-epochs > --epochs", ["--epochs=2", "--warmup-epochs=3"], 2, "must not exceed --epochs"),
+    ("--knn 0", ["--knn=0"], 2, "--knn must be >= 1"),
+    ("--download with folder", ["--dataset=folder", "--download"], 2, "--download is not available"),
+    ("--device cuda:7", ["--device=cuda:7"], 2, "--device cuda:7"),
+]
+
+
+@pytest.mark.parametrize("name, prepare, code, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs(tmp_path, no_md5, capsys, name, prepare, code, message):
+    """One `train.py: error:` line (after argparse's usage for exit code 2), a non-zero exit code, no
+    traceback (the only exception is SystemExit), and nothing written or overwritten."""
     write_cifar(str(tmp_path))
+    extra = prepare(tmp_path) if callable(prepare) else prepare
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv = ["--dataset=cifar10", f"--data-dir={tmp_path}", f"--out={tmp_path / 'run'}", "--image-size=16",
+            *SMALL, *extra]
     with pytest.raises(SystemExit) as e:
-        train.main(["--dataset=cifar10", f"--data-dir={tmp_path}", f"--out={tmp_path / 'run'}", *argv])
-    if match is None:
-        assert e.value.code == 2 and "needs --predictor closed" in capsys.readouterr().err
+        train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    if code == 2:
+        assert e.value.code == 2 and err[-1].startswith("train.py: error:") and message in err[-1]
+        assert all(line.startswith(("usage:", " ")) for line in err[:-1])
     else:
-        assert match in str(e.value.code)
-
-
-def test_existing_run_is_not_overwritten(tmp_path, no_md5):
-    out, _ = run(tmp_path, "cifar10")
-    with pytest.raises(SystemExit, match="--resume auto"):
-        run(tmp_path, "cifar10")
+        msg = str(e.value.code)
+        assert msg.startswith("train.py: error:") and "\n" not in msg and message in msg
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

@@ -15,7 +15,9 @@ it happens. Which row of the paper is which command (add ``--dataset``):
     DirectCopy  --loss cos --alpha 1 --eps 0.25 [--no-ema]
     IsoLoss     --loss iso_cos [--alpha 1 --eps 0.25] [--no-ema]
 
-Outputs in --out: config.json, metrics.jsonl (one line per epoch), last.pt (resume with --resume auto).
+Outputs in --out: config.json, metrics.jsonl (one line per epoch, with the collapse monitors),
+spectrum.jsonl (C's eigenvalues), last.pt (resume with --resume auto). `python train.py --plot RUN_DIR ...`
+draws them. Exit codes: 1 bad data, files or checkpoint; 2 bad command line; 3 a crashed run.
 """
 import argparse
 import copy
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import types
 
@@ -70,12 +73,18 @@ def fail(msg):
     raise SystemExit(f"train.py: error: {msg}")
 
 
+def last_line(e):
+    """The last line of an exception's text (a DataLoader worker's error carries its traceback)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def parser():
     """The command line. Defaults are the paper's (App. D); None means 'resolved from other settings'."""
-    p = argparse.ArgumentParser(description="Self-supervised ResNet pretraining with an online linear "
-                                "probe: BYOL, SimSiam, DirectPred, DirectCopy, IsoLoss (NeurIPS 2023).")
+    p = argparse.ArgumentParser(prog="train.py", description="Self-supervised ResNet pretraining with an "
+                                "online linear probe: BYOL, SimSiam, DirectPred, DirectCopy, IsoLoss (NeurIPS 2023).")
     a = p.add_argument
-    a("--dataset", required=True, choices=list(DATASETS))
+    a("--dataset", choices=list(DATASETS), help="required, except with --plot")
     a("--data-dir", default="./data", help="holds cifar-10-batches-py/, cifar-100-python/, stl10_binary/ "
       "or tiny-imagenet-200/; for folder: train/<class>/* and val/<class>/* (default %(default)s)")
     a("--download", action="store_true", help="download cifar10/cifar100/stl10/tinyimagenet if missing")
@@ -100,7 +109,8 @@ def parser():
     a("--probe-lr", type=float, default=0.1, help="base lr of the probe at batch 256 (%(default)s)")
     a("--momentum", type=float, default=0.9, help="SGD/LARS momentum (%(default)s)")
     a("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (%(default)s)")
-    a("--warmup-epochs", type=int, help="linear lr warm-up (default min(10, epochs // 10))")
+    a("--warmup-epochs", type=float, help="linear lr warm-up; default: 10 epochs (App. D), at most a "
+      "quarter of the run, at least one step; 0: none")
     a("--warmup-start-lr", type=float, default=3e-5, help="solo-learn's warmup_start_lr (%(default)s)")
     a("--epochs", type=int, default=1000, help="(default %(default)s)")
     a("--batch-size", type=int, default=256, help="(default %(default)s)")
@@ -109,31 +119,65 @@ def parser():
     a("--device", default="auto", help="auto (default): cuda if available, else cpu")
     a("--amp", action="store_true", help="autocast: fp16 + GradScaler on CUDA, bf16 on CPU")
     a("--eval-every", type=int, default=1, help="epochs between probe evaluations; 0: only at the end")
+    a("--knn", type=int, nargs="?", const=20, metavar="K", help="also report weighted k-NN top-1 accuracy "
+      "on backbone features at each evaluation (K neighbours, default 20 if given without a value)")
+    a("--knn-temperature", type=float, default=0.07, help="k-NN vote weights exp(cos / T) (%(default)s)")
+    a("--spectrum-every", type=int, help="also log C's eigenvalues every N steps (always: at epoch ends)")
     a("--log-every", type=int, default=50, help="steps between progress lines (default %(default)s)")
     a("--out", help="run directory (default runs/<dataset>-<loss>-<time>)")
     a("--resume", help="a last.pt to continue from, or 'auto': <out>/last.pt if it exists")
+    a("--plot", nargs="+", metavar="RUN_DIR", help="draw the diagnostics of finished or running runs "
+      "into the first RUN_DIR (PNG files), then exit")
     return p
 
 
+# Ranges of the numeric options: (lowest, highest, whether the lowest is allowed). None: unbounded.
+RANGES = {"epochs": (1, None, True), "batch_size": (2, None, True), "limit": (1, None, True),
+          "image_size": (8, None, True), "proj_hidden": (1, None, True), "proj_dim": (1, None, True),
+          "pred_hidden": (1, None, True), "alpha": (0, None, True), "eps": (0, None, True),
+          "tau": (0, 1, True), "ema": (0, 1, True), "lr": (0, None, False), "wd": (0, None, True),
+          "probe_lr": (0, None, True), "momentum": (0, 1, True), "lars_eta": (0, None, False),
+          "warmup_epochs": (0, None, True), "warmup_start_lr": (0, None, True), "workers": (0, None, True),
+          "eval_every": (0, None, True), "knn": (1, None, True), "knn_temperature": (0, None, False),
+          "spectrum_every": (1, None, True), "log_every": (1, None, True)}
+
+
 def check_args(p, args):
-    """Reject inconsistent settings with a one-line argparse error (exit code 2)."""
+    """Reject bad or inconsistent settings with a one-line argparse error (exit code 2)."""
+    if args.dataset is None:
+        p.error("the following arguments are required: --dataset (or --plot RUN_DIR)")
+    for key, (low, high, closed) in RANGES.items():
+        v = getattr(args, key)
+        if v is not None and (not math.isfinite(v) or v < low or (v == low and not closed)
+                              or (high is not None and v >= high)):
+            bound = (f"in [{low}, {high})" if high is not None else f"{'>=' if closed else '>'} {low}")
+            p.error(f"--{key.replace('_', '-')} must be {bound}, not {v}")
     if args.predictor != "closed" and args.loss.startswith("iso_"):
         p.error(f"--loss {args.loss} needs --predictor closed: IsoLoss (Eqs. 15, 17) is defined for "
                 f"the closed-form predictor W_P; use --loss euc or cos with a learned predictor")
-    if args.epochs < 1 or args.batch_size < 2:
-        p.error("--epochs must be >= 1 and --batch-size >= 2 (BatchNorm needs 2 samples)")
-    if not 0 <= args.ema < 1 or (args.tau is not None and not 0 <= args.tau < 1):
-        p.error("--ema and --tau must lie in [0, 1)")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
-    if args.warmup_epochs is not None and not 0 <= args.warmup_epochs <= args.epochs:
-        p.error("--warmup-epochs must lie in [0, --epochs]")
+    if args.warmup_epochs is not None and args.warmup_epochs > args.epochs:
+        p.error("--warmup-epochs must not exceed --epochs")
     if args.download and args.dataset == "folder":
         p.error("--download is not available for --dataset folder (your own data)")
     if args.resume == "auto" and args.out is None:
         p.error("--resume auto needs --out DIR (the run directory to continue)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a directory")
+    if args.device != "auto":
+        check_device(p, args.device)
+
+
+def check_device(p, name):
+    """--device must name a device that torch knows and this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device {name}: not a device torch knows (try cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        p.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {name}: only cpu and cuda are supported")
 
 
 def resolve(args):
@@ -156,8 +200,6 @@ def resolve(args):
         args.wd = 1e-4 if args.predictor == "closed" else 1e-5
     if args.tau is None:
         args.tau = 0.998 if args.ema > 0 else 0.5   # App. D; reference no-EMA configs: dp_tau 0.5
-    if args.warmup_epochs is None:  # 10 (App. D), but never more than a tenth of a short run
-        args.warmup_epochs = min(10, args.epochs // 10)
     args.lr_scaled = args.lr * args.batch_size / 256          # linear scaling rule (solo-learn)
     args.probe_lr_scaled = args.probe_lr * args.batch_size / 256
     if args.out is None:
@@ -172,6 +214,8 @@ def get_config(argv=None):
     """Command line -> checked, fully resolved config (an argparse.Namespace)."""
     p = parser()
     args = p.parse_args(argv)
+    if args.plot:                                   # drawing needs no training settings
+        return args
     check_args(p, args)
     return resolve(args)
 
@@ -313,16 +357,32 @@ def load_datasets(cfg, train_tf, eval_tf):
     loader = {"tinyimagenet": load_tinyimagenet, "folder": load_folder}.get(cfg.dataset, load_torchvision)
     try:
         train, val = loader(cfg, train_tf, eval_tf)
-    except OSError as e:  # e.g. an ImageFolder without images, a failed download
-        fail(f"{cfg.dataset}: {' '.join(str(e).split())}")
+    except Exception as e:  # no images, a failed download, a truncated or garbled file (pickle, numpy)
+        fail(f"{cfg.dataset}: cannot load the data under {cfg.data_dir}: {last_line(e)}")
     if len(val) == 0:
         fail(f"{cfg.dataset}: the evaluation split under {cfg.data_dir} has no images")
+    for name, ds in (("training", train), ("evaluation", val)):  # a corrupt file stops here, before any output
+        try:
+            ds[0]
+        except Exception as e:
+            fail(f"{cfg.dataset}: cannot read the first {name} image: {last_line(e)}")
     return train, val, DATASETS[cfg.dataset]["classes"] or len(train.classes)
 
 
+def knn_bank(train, eval_tf):
+    """The k-NN monitor's memory bank: the labelled training images (of --limit's subset), un-augmented."""
+    base, idx = (train.dataset, train.indices) if isinstance(train, torch.utils.data.Subset) else (train, None)
+    bank = copy.copy(base)                      # the same files, read with the evaluation transform
+    bank.transform = eval_tf
+    labels = getattr(base, "targets", None) or base.labels       # STL-10 names them labels (-1: unlabelled)
+    keep = [i for i in (range(len(base)) if idx is None else idx) if labels[i] >= 0]
+    return torch.utils.data.Subset(bank, keep)
+
+
 def build_data(cfg):
-    """The one place that builds the data pipeline: datasets, transforms, loaders."""
-    train, val, num_classes = load_datasets(cfg, train_transform(cfg), eval_transform(cfg))
+    """The one place that builds the data pipeline: datasets, transforms, loaders (train, eval, k-NN bank)."""
+    eval_tf = eval_transform(cfg)
+    train, val, num_classes = load_datasets(cfg, train_transform(cfg), eval_tf)
     if cfg.limit:
         train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
     if len(train) < cfg.batch_size:
@@ -330,9 +390,24 @@ def build_data(cfg):
     kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
     # The generator is re-seeded every epoch (seed + epoch): shuffling and worker seeds do not depend
     # on where a run was resumed.
-    train_loader = torch.utils.data.DataLoader(train, shuffle=True, drop_last=True,
-                                               generator=torch.Generator(), **kw)
-    return train_loader, torch.utils.data.DataLoader(val, shuffle=False, **kw), num_classes
+    loaders = types.SimpleNamespace(
+        train=torch.utils.data.DataLoader(train, shuffle=True, drop_last=True, generator=torch.Generator(), **kw),
+        eval=torch.utils.data.DataLoader(val, shuffle=False, **kw),
+        bank=torch.utils.data.DataLoader(knn_bank(train, eval_tf), shuffle=False, **kw) if cfg.knn else None)
+    return loaders, num_classes
+
+
+def batches(loader):
+    """Iterate a loader; an image that cannot be read (in any worker) stops the run with one line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            fail(f"cannot read a batch of {len(loader.dataset)} images: {last_line(e)}")
+        yield batch
 
 
 # -----------------------------------------------------------------------------
@@ -371,7 +446,9 @@ class Encoder(nn.Module):
 
 
 def build_model(cfg, num_classes):
-    """model = {encoder, predictor, probe}; target = EMA copy of the encoder, or None (online target)."""
+    """model = {encoder, predictor, probe[, stats]}; target = EMA copy of the encoder, or None (online target).
+    Learned predictors get `stats`: a running C of the projector outputs, kept as the closed-form
+    predictor keeps its own, for the diagnostics only."""
     encoder = Encoder(cfg)
     if cfg.predictor == "closed":   # buffer C (M, M), float32, no gradient; W_P = U D^alpha U^T (Eq. 1)
         predictor = isoloss.ClosedFormPredictor(cfg.proj_dim, cfg.alpha, cfg.eps, cfg.tau)
@@ -379,26 +456,31 @@ def build_model(cfg, num_classes):
         predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
     else:                           # trainable linear W_P (Fig. 4)
         predictor = nn.Linear(cfg.proj_dim, cfg.proj_dim, bias=False)
-    model = nn.ModuleDict(dict(encoder=encoder, predictor=predictor,
-                               probe=nn.Linear(encoder.dim, num_classes)))
+    model = nn.ModuleDict(dict(encoder=encoder, predictor=predictor, probe=nn.Linear(encoder.dim, num_classes)))
+    if cfg.predictor != "closed":
+        model["stats"] = isoloss.ClosedFormPredictor(cfg.proj_dim, tau=cfg.tau)
     target = copy.deepcopy(encoder).requires_grad_(False) if cfg.ema > 0 else None
     return model, target
+
+
+def C_keeper(model):
+    """The ClosedFormPredictor that keeps the running C = E[z z^T] (M, M) of the projector outputs: the
+    closed-form predictor itself or, with a learned predictor, `stats` (kept the same way, never used)."""
+    return model["stats"] if "stats" in model else model.predictor
 
 
 # -----------------------------------------------------------------------------
 # Loss step
 # -----------------------------------------------------------------------------
 
-def pair_loss(kind, z1, z2_t, W_P=None, W_P_half=None):
+def pair_loss(kind, z1, z2_t, W_P=None):
     """One view order of Table 1 from isoloss.py (paper constants: 1/2 ||.||^2 and -cos, batch mean).
-    With a learned predictor, z1 is the prediction p1 and W_P is None."""
-    if kind == "euc":
-        return isoloss.loss_euc(z1, z2_t, W_P)
-    if kind == "cos":
-        return isoloss.loss_cos(z1, z2_t, W_P)
-    if kind == "iso_euc":
-        return isoloss.loss_iso_euc(z1, z2_t, W_P)
-    return isoloss.loss_iso_cos(z1, z2_t, W_P, W_P_half)
+    With a learned predictor, z1 is the prediction p1 and W_P is None. IsoLoss (Eqs. 15, 17) is the
+    base loss of a straight-through prediction (isoloss.straight_through): the gradient of
+    loss_iso_euc / loss_iso_cos, and the value of the base loss, so iso runs log comparable numbers."""
+    if kind.startswith("iso_"):
+        z1, W_P, kind = isoloss.straight_through(z1, W_P), None, kind[len("iso_"):]
+    return (isoloss.loss_euc if kind == "euc" else isoloss.loss_cos)(z1, z2_t, W_P)
 
 
 def ssl_loss(model, z1, z2, z1_t, z2_t, cfg):
@@ -406,20 +488,19 @@ def ssl_loss(model, z1, z2, z1_t, z2_t, cfg):
 
     Scale: twice the paper's constants, i.e. the reference code's: BYOL's 2 - 2 cos per view order
     (without its constant 2, which has no gradient) and the Euclidean sum of squares without the 1/2,
-    so the paper's learning rates and weight decays apply unchanged. For `cos`, the logged loss is
-    -2 (cos_12 + cos_21), in [-4, 4]; BYOL's logged (2 - 2 cos) + (2 - 2 cos) is this plus 4.
+    so the paper's learning rates and weight decays apply unchanged. For `cos` and `iso_cos`, the logged
+    loss is -2 (cos_12 + cos_21), in [-4, 4]; BYOL's logged (2 - 2 cos) + (2 - 2 cos) is this plus 4.
     """
-    if cfg.predictor != "closed":
-        p1, p2 = model.predictor(z1), model.predictor(z2)            # (B, M) learned predictions
-        return 2 * (pair_loss(cfg.loss, p1, z2_t) + pair_loss(cfg.loss, p2, z1_t))
     # C <- tau^2 C + (1 - tau^2) C_batch(z1, z2): one EMA step from both online views per training
     # step, the same time constant as the reference code's one update per view (which also gave view 1
     # a W_P that had seen only view 1). The batch is folded in before W_P is built. C moves only here,
     # in training steps: the reference code also moved C on evaluation batches, a side effect we avoid.
-    model.predictor.update(z1, z2)                  # z detached inside; C stays float32 under AMP
-    W_P, W_P_half = model.predictor()               # (M, M) each, no gradient
-    return 2 * (pair_loss(cfg.loss, z1, z2_t, W_P, W_P_half)
-                + pair_loss(cfg.loss, z2, z1_t, W_P, W_P_half))
+    C_keeper(model).update(z1, z2)                  # z detached inside; C stays float32 under AMP
+    if cfg.predictor != "closed":
+        p1, p2 = model.predictor(z1), model.predictor(z2)            # (B, M) learned predictions
+        return 2 * (pair_loss(cfg.loss, p1, z2_t) + pair_loss(cfg.loss, p2, z1_t))
+    W_P, _ = model.predictor()                                       # (M, M), no gradient
+    return 2 * (pair_loss(cfg.loss, z1, z2_t, W_P) + pair_loss(cfg.loss, z2, z1_t, W_P))
 
 
 def probe_loss(probe, h1, h2, y):
@@ -453,8 +534,16 @@ def update_target(target, online, m):
         p_t.lerp_(p, 1 - m)
 
 
+def z_std(z):
+    """The reference code's collapse monitor, scaled to 1 when healthy: the standard deviation over the
+    batch of the L2-normalised embeddings, averaged over the M dimensions, times sqrt(M). Isotropic
+    embeddings give 1 (each coordinate of a unit vector has variance 1/M), collapsed ones 0. z: (B, M)."""
+    return F.normalize(z.detach().float(), dim=1).std(0).mean() * z.shape[1] ** 0.5
+
+
 def train_step(run, x1, x2, y, cfg, m):
-    """One optimisation step on a batch of view pairs; returns the detached (ssl loss, probe loss)."""
+    """One optimisation step on a batch of view pairs. Returns the detached (ssl loss, probe loss, z_std)
+    and notes a non-finite loss, embedding or C in run.bad, all without waiting for the device."""
     model = run.model
     with autocast(cfg):
         h1, z1 = model.encoder(x1)                  # (B, 512), (B, M)
@@ -462,13 +551,15 @@ def train_step(run, x1, x2, y, cfg, m):
         z1_t, z2_t = target_outputs(run.target, x1, x2, z1, z2)
         loss = ssl_loss(model, z1, z2, z1_t, z2_t, cfg)
         ploss = probe_loss(model.probe, h1, h2, y)
+    z = torch.cat([z1, z2])                         # (2B, M)
+    watch(run, loss, z, C_keeper(model).C)
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss + ploss).backward()
     run.scaler.step(run.opt)
     run.scaler.update()
     if run.target is not None:
         update_target(run.target, model.encoder, m)
-    return loss.detach(), ploss.detach()
+    return torch.stack([loss.detach(), ploss.detach(), z_std(z)])
 
 
 # -----------------------------------------------------------------------------
@@ -552,12 +643,35 @@ def set_lr(opt, step, cfg):
 # Loop
 # -----------------------------------------------------------------------------
 
+class Crash(Exception):
+    """The run cannot go on: non-finite numbers, or C's eigendecomposition failed. `step` counts from 1."""
+
+    def __init__(self, step, reason):
+        super().__init__(reason)
+        self.step = step
+
+
+WATCHED = ("loss", "embedding", "C")        # the bits of run.bad[1]
+
+
+def watch(run, loss, z, C):
+    """Remember the first step whose loss, embeddings z (2B, M) or C (M, M) hold a non-finite number:
+    run.bad = (step, bit mask over WATCHED), (0, 0) while all is well. Device ops only: no waiting."""
+    bits = sum((~torch.isfinite(t).all()).long() << i for i, t in enumerate((loss, z, C)))
+    first = (run.bad[0] == 0) & (bits > 0)
+    run.bad = torch.where(first, torch.stack([torch.full_like(bits, run.step + 1), bits]), run.bad)
+
+
+def check_finite(run):
+    """Raise Crash if a step so far met a non-finite number (reads run.bad: waits for the device)."""
+    step, bits = run.bad.tolist()
+    if step:
+        raise Crash(step, "non-finite " + ", ".join(n for i, n in enumerate(WATCHED) if bits >> i & 1))
+
+
 def log_progress(run, cfg, i, n, loss, lr, t_epoch):
     """One progress line: epoch, step, mean loss of the epoch so far, lr, images/s of the epoch so far,
     and the ETA from the pace since this process started (evaluation and checkpoints included)."""
-    if not math.isfinite(loss):
-        fail(f"the loss became {loss} in epoch {run.epoch + 1}, step {run.step}; the last finished "
-             f"epoch is in {os.path.join(cfg.out, 'last.pt')}")
     now = time.time()
     ips = i * cfg.batch_size / max(now - t_epoch, 1e-9)
     pace = (now - run.t0) / max(run.step - run.step0, 1)                      # seconds per step
@@ -566,46 +680,203 @@ def log_progress(run, cfg, i, n, loss, lr, t_epoch):
           f"loss {loss:.4f} lr {lr:.4g} {ips:.0f} img/s ETA {eta}", flush=True)
 
 
-def train_epoch(run, loader, cfg):
-    """One pass over the training set; returns the epoch's mean losses, last lr and wall time."""
+def train_epoch(run, loaders, cfg):
+    """One pass over the training set; returns the epoch's mean losses and z_std, last lr and wall time.
+    Raises Crash at the first non-finite loss, embedding or C, or a failing eigendecomposition."""
     run.model.train()
     if run.target is not None:
         run.target.train()                          # BYOL's target uses batch statistics
+    loader = loaders.train
     loader.generator.manual_seed(cfg.seed + run.epoch)
     device, t0 = torch.device(cfg.device), time.time()
-    sums = torch.zeros(2, device=device)            # (ssl loss, probe loss), summed over steps
-    for i, ((x1, x2), y) in enumerate(loader, 1):
+    sums = torch.zeros(3, device=device)            # (ssl loss, probe loss, z_std), summed over steps
+    for i, ((x1, x2), y) in enumerate(batches(loader), 1):
         x1, x2, y = (t.to(device, non_blocking=True) for t in (x1, x2, y))
         lr = set_lr(run.opt, run.step, cfg)
-        sums += torch.stack(train_step(run, x1, x2, y, cfg, ema_at(run.step, cfg)))
+        try:
+            sums += train_step(run, x1, x2, y, cfg, ema_at(run.step, cfg))
+        except torch.linalg.LinAlgError as e:       # even in float64 (isoloss._eigh): say why, if we can
+            check_finite(run)                       # an earlier step's non-finite numbers
+            finite = torch.isfinite(C_keeper(run.model).C).all()
+            raise Crash(run.step + 1, "non-finite C" if not finite else
+                        f"the eigendecomposition of C failed ({last_line(e)})") from None
         run.step += 1
         if i % cfg.log_every == 0 or i == len(loader):
+            check_finite(run)
             log_progress(run, cfg, i, len(loader), sums[0].item() / i, lr, t0)
-    loss, ploss = (sums / len(loader)).tolist()
-    return dict(loss=loss, probe_loss=ploss, lr=lr, seconds=time.time() - t0)
+        if cfg.spectrum_every and run.step % cfg.spectrum_every == 0 and i < len(loader):  # (ends: always)
+            check_finite(run)
+            log_spectrum(run, cfg)
+    loss, ploss, zstd = (sums / len(loader)).tolist()
+    return dict(loss=loss, probe_loss=ploss, lr=lr, seconds=time.time() - t0, z_std=zstd)
 
 
 # -----------------------------------------------------------------------------
-# Evaluation
+# Evaluation: online probe and k-NN on un-augmented images
 # -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, loader, cfg):
-    """Probe top-1 / top-5 accuracy (%) on un-augmented, centre-cropped images of the evaluation split
-    (test for CIFAR and STL-10, val for TinyImageNet and folder; App. D). Never touches C."""
+def features(model, loader, cfg):
+    """Backbone features h (N, 512), float32, and labels (N,) of a loader's images, in eval mode."""
     model.eval()
-    device, hits, n = torch.device(cfg.device), torch.zeros(2), 0
-    k = min(5, model.probe.out_features)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device)
+    hs, ys = [], []
+    for x, y in batches(loader):
         with autocast(cfg):
-            logits = model.probe(model.encoder.backbone(x))           # (B, classes)
-        top = logits.topk(k, dim=1).indices == y[:, None]             # (B, k)
-        hits += torch.stack([top[:, 0].sum(), top.any(1).sum()]).cpu()
-        n += len(y)
+            hs.append(model.encoder.backbone(x.to(cfg.device, non_blocking=True)).float())
+        ys.append(y.to(cfg.device))
     model.train()
-    acc1, acc5 = (100 * hits / n).tolist()
-    return dict(acc1=acc1, acc5=acc5 if k == 5 else None)
+    return torch.cat(hs), torch.cat(ys)
+
+
+@torch.no_grad()
+def evaluate(model, loaders, cfg):
+    """Probe top-1 / top-5 accuracy (%) on un-augmented, centre-cropped images of the evaluation split
+    (test for CIFAR and STL-10, val for TinyImageNet and folder; App. D), and with --knn the k-NN top-1.
+    Never touches C."""
+    h, y = features(model, loaders.eval, cfg)                       # (N, 512), (N,)
+    k = min(5, model.probe.out_features)
+    top = model.probe(h).topk(k, dim=1).indices == y[:, None]        # (N, k)
+    acc = dict(acc1=100 * top[:, 0].float().mean().item(),
+               acc5=100 * top.any(1).float().mean().item() if k == 5 else None)
+    if cfg.knn:
+        acc["knn_acc1"] = knn_accuracy(*features(model, loaders.bank, cfg), h, y, model.probe.out_features, cfg)
+    return acc
+
+
+def knn_accuracy(bank, bank_y, h, y, classes, cfg, chunk=256):
+    """Weighted k-NN top-1 (%) (Wu et al. 2018; as in DINO and solo-learn): each evaluation feature votes
+    for the classes of its K most cosine-similar training features with weights exp(cos / T). bank
+    (N, D), bank_y (N,): the labelled training images; h (n, D), y (n,). `chunk` rows at a time, so the
+    similarity matrix never exceeds chunk x N."""
+    bank = F.normalize(bank, dim=1)
+    k, hits = min(cfg.knn, len(bank)), 0
+    for h_c, y_c in zip(F.normalize(h, dim=1).split(chunk), y.split(chunk)):
+        sim, idx = (h_c @ bank.T).topk(k, dim=1)                     # (chunk, k)
+        votes = torch.zeros(len(h_c), classes, device=h.device)
+        votes.scatter_add_(1, bank_y[idx], (sim / cfg.knn_temperature).exp())
+        hits += (votes.argmax(1) == y_c).sum()
+    return 100 * float(hits) / len(y)
+
+
+# -----------------------------------------------------------------------------
+# Diagnostics: C's spectrum (Figs. 3, 7, 8), collapse monitors, predictor alignment (Fig. 4), plots
+# -----------------------------------------------------------------------------
+
+RECRUITED = 0.01      # an eigenvalue counts as recruited above 1% of the largest (our choice; see README)
+COLLAPSED = dict(top_share=0.9, z_std=0.1)  # "collapsed": top_share above, or z_std below (see README)
+
+
+@torch.no_grad()
+def spectrum(model, cfg):
+    """C's eigenvalues, descending (float64); with a linear predictor also Fig. 4's alignment: the
+    cosine between each eigenvector u_i of C and W_P u_i, in the same order."""
+    s, U = torch.linalg.eigh(C_keeper(model).C.double().cpu())
+    s, U = s.flip(0), U.flip(1)                                     # (M,), (M, M) columns u_i
+    row = dict(eigenvalues=s.tolist())
+    if cfg.predictor == "linear":
+        WU = model.predictor.weight.detach().double().cpu() @ U       # W_P u_i (p = W_P z)
+        row["alignment"] = ((U * WU).sum(0) / WU.norm(dim=0).clamp(min=1e-300)).tolist()
+    return row
+
+
+def log_spectrum(run, cfg):
+    """Append C's spectrum (and alignment) with epoch (the one in progress or just done) and step."""
+    row = dict(epoch=(run.step - 1) // cfg.steps_per_epoch + 1, step=run.step, **spectrum(run.model, cfg))
+    append_jsonl(os.path.join(cfg.out, "spectrum.jsonl"), row)
+    return row
+
+
+def monitors(eigenvalues, zstd):
+    """The collapse monitors of a metrics row, from C's eigenvalues s and the epoch's mean z_std:
+    participation ratio (sum s)^2 / sum s^2 (the reference code's), the top eigenvalue's share of the
+    trace, the effective rank exp(entropy of s / sum s), the number of eigenvalues above RECRUITED x the
+    largest, z_std, and `collapsed` when the top share or z_std crosses COLLAPSED's threshold."""
+    s = torch.tensor(eigenvalues, dtype=torch.float64).clamp(min=0)
+    total = s.sum()
+    if total > 0:
+        p = s / total
+        out = dict(participation_ratio=(total ** 2 / (s ** 2).sum()).item(), top_share=(s.max() / total).item(),
+                   effective_rank=(-(p * p.clamp(min=1e-300).log()).sum()).exp().item(),
+                   recruited=int((s > RECRUITED * s.max()).sum()))
+    else:                                   # C = 0: every embedding is zero
+        out = dict(participation_ratio=0.0, top_share=1.0, effective_rank=0.0, recruited=0)
+    out["z_std"] = zstd
+    out["collapsed"] = out["top_share"] > COLLAPSED["top_share"] or zstd < COLLAPSED["z_std"]
+    return out
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(dirs):
+    """--plot: PNGs of the runs in `dirs` into dirs[0]: C's eigenvalues (one in ten, log scale, Fig. 3a/c),
+    probe and k-NN accuracy (Figs. 3b/d, 7, 8), the collapse monitors, and the alignment map (Fig. 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = []
+    for d in dirs:
+        metrics = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if not r.get("crashed")]
+        if not os.path.isfile(os.path.join(d, "config.json")) or not metrics:
+            fail(f"--plot {d}: not a run directory with config.json and metrics.jsonl rows")
+        with open(os.path.join(d, "config.json")) as f:
+            c = json.load(f)
+        name = f"{os.path.basename(os.path.normpath(d))}: {c['loss']}, {c['predictor']}, " + \
+            ("EMA" if c["ema"] else "no EMA")
+        runs.append((name, c, metrics, read_jsonl(os.path.join(d, "spectrum.jsonl"))))
+    written = []
+
+    def save(fig, name):
+        fig.savefig(os.path.join(dirs[0], name), dpi=110)
+        plt.close(fig)
+        written.append(os.path.join(dirs[0], name))
+
+    with_spectrum = [r for r in runs if r[3]]
+    if with_spectrum:
+        fig, axes = plt.subplots(1, len(with_spectrum), figsize=(4.5 * len(with_spectrum), 3.6), squeeze=False,
+                                 constrained_layout=True)
+        for ax, (name, c, _, spec) in zip(axes[0], with_spectrum):
+            t = [r["step"] / c["steps_per_epoch"] for r in spec]
+            s = torch.tensor([r["eigenvalues"] for r in spec]).clamp(min=1e-12)[:, ::10]   # one in ten
+            ax.semilogy(t, s.numpy(), lw=0.9, color="C0", alpha=0.8)
+            ax.set(title=name, xlabel="epoch", ylabel="eigenvalues of C (one in ten)")
+        save(fig, "spectrum.png")
+    keys = ["participation_ratio", "top_share", "effective_rank", "recruited", "z_std"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    axes = axes.ravel()
+    for i, (name, c, metrics, _) in enumerate(runs):
+        epochs = [r["epoch"] for r in metrics]
+        for key, style in (("acc1", "-"), ("knn_acc1", "--")):
+            pts = [(e, r[key]) for e, r in zip(epochs, metrics) if r.get(key) is not None]
+            if pts:
+                axes[0].plot(*zip(*pts), style, color=f"C{i}", marker=".",
+                             label=f"{name} ({'probe' if key == 'acc1' else 'k-NN'})")
+        for ax, key in zip(axes[1:], keys):
+            ax.plot(epochs, [r.get(key) for r in metrics], color=f"C{i}", marker=".", label=name)
+    axes[0].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="evaluation")
+    axes[0].legend(fontsize=7)
+    axes[1].set_yscale("log")
+    for ax, key in zip(axes[1:], keys):
+        ax.set(xlabel="epoch", title=f"{key.replace('_', ' ')} of C" if key != "z_std" else "z_std")
+    save(fig, "accuracy_monitors.png")
+    for d, (name, c, _, spec) in zip(dirs, runs):
+        aligned = [r for r in spec if "alignment" in r]
+        if aligned:
+            fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+            a = torch.tensor([r["alignment"] for r in aligned]).T           # (M, rows)
+            t = [0] + [r["step"] / c["steps_per_epoch"] for r in aligned]    # each row ends a cell
+            im = ax.pcolormesh(t, range(a.shape[0] + 1), a.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.invert_yaxis()
+            ax.set(xlabel="epoch", ylabel="eigenvector u_i of C (0: largest eigenvalue)",
+                   title=f"{name}:\ncos(u_i, W_P u_i) (Fig. 4)")
+            fig.colorbar(im, ax=ax)
+            save(fig, f"alignment-{os.path.basename(os.path.normpath(d))}.png")
+    print("wrote " + ", ".join(written))
+    return written
 
 
 # -----------------------------------------------------------------------------
@@ -631,17 +902,20 @@ def save_checkpoint(state, path):
 
 def load_checkpoint(path, run, cfg):
     """Restore `run` from `path` and report settings that differ from the checkpoint's."""
-    state = torch.load(path, map_location="cpu", weights_only=True)   # RNG states must stay on the CPU
-    changed = [k for k, v in state["config"].items() if k not in ("resume", "out") and vars(cfg).get(k) != v]
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.opt.param_groups]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)   # RNG states must stay on the CPU
+        changed = [k for k, v in state["config"].items()
+                   if k not in ("resume", "out") and vars(cfg).get(k) != v]
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in run.opt.param_groups]
+    except Exception as e:                          # garbage, a truncated file, another program's checkpoint
+        fail(f"--resume {path}: not a readable train.py checkpoint ({last_line(e)})")
     try:
         run.model.load_state_dict(state["model"])
         if run.target is not None:  # a no-EMA checkpoint has no target: start it from the online encoder
             run.target.load_state_dict(state["target"] or run.model.encoder.state_dict())
         run.opt.load_state_dict(state["optimizer"])   # momentum buffers ...
     except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"{path} does not fit this configuration (changed: {', '.join(changed)}): "
-             f"{str(e).splitlines()[0]}")
+        fail(f"{path} does not fit this configuration (changed: {', '.join(changed)}): {last_line(e)}")
     for g, h in zip(run.opt.param_groups, settings):  # ... but this command line's lr, wd, LARS
         g.update(h)
     run.scaler.load_state_dict(state["scaler"])
@@ -667,13 +941,12 @@ def resume_path(cfg):
     return None
 
 
-def append_metrics(path, row, keep_until=None):
-    """Append one JSON line; with keep_until, first drop lines of epochs after it (a resumed run)."""
-    if keep_until is not None and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= keep_until]
+def append_jsonl(path, row=None, keep_until_step=None):
+    """Append one JSON line; with keep_until_step, first drop the lines of later steps (a resumed run)."""
+    if keep_until_step is not None and os.path.exists(path):
+        kept = [r for r in read_jsonl(path) if r["step"] <= keep_until_step]
         with open(path, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(r) + "\n" for r in kept)
     if row is not None:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -683,14 +956,26 @@ def append_metrics(path, row, keep_until=None):
 # Main
 # -----------------------------------------------------------------------------
 
+CRASHED = 3     # exit code of a crashed run; 1: bad data, files or checkpoint; 2: bad command line
+
+
+def schedule(cfg, steps_per_epoch):
+    """Schedule lengths in steps. Warm-up: 10 epochs (App. D), but at most a quarter of a shorter run and
+    at least one step; --warmup-epochs E gives ceil(E x steps per epoch), 0 none. Without warm-up an
+    8-epoch no-EMA IsoLoss run ended below a random network's probe; with 2 epochs it learned."""
+    cfg.steps_per_epoch, cfg.total_steps = steps_per_epoch, cfg.epochs * steps_per_epoch
+    if cfg.warmup_epochs is None:
+        cfg.warmup_steps = max(1, min(10 * steps_per_epoch, cfg.total_steps // 4))
+    else:
+        cfg.warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+
+
 def setup(cfg):
-    """Seed, data, model, optimiser, schedule lengths; returns (run, train loader, eval loader)."""
+    """Seed, data, model, optimiser, schedule lengths; returns (run, loaders)."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    train_loader, eval_loader, num_classes = build_data(cfg)
-    cfg.steps_per_epoch = len(train_loader)
-    cfg.total_steps = cfg.epochs * cfg.steps_per_epoch
-    cfg.warmup_steps = cfg.warmup_epochs * cfg.steps_per_epoch
+    loaders, num_classes = build_data(cfg)
+    schedule(cfg, len(loaders.train))
     model, target = build_model(cfg, num_classes)
     model.to(cfg.device)
     if target is not None:
@@ -698,46 +983,82 @@ def setup(cfg):
     device = torch.device(cfg.device).type          # loss scaling for fp16 only (CUDA), not bf16
     scaler = torch.amp.GradScaler(device, enabled=cfg.amp and device == "cuda")
     run = types.SimpleNamespace(model=model, target=target, opt=build_optimizer(model, cfg), scaler=scaler,
-                                epoch=0, step=0)
-    return run, train_loader, eval_loader
+                                epoch=0, step=0, bad=torch.zeros(2, dtype=torch.long, device=cfg.device),
+                                t0=time.time(), step0=0)
+    return run, loaders
 
 
-def start_outputs(cfg, run, train_loader):
-    """Create --out, write config.json, drop metrics of epochs after the checkpoint, print a summary."""
+def start_outputs(cfg, run, loaders):
+    """Create --out, write config.json, drop rows of steps after the checkpoint, print a summary."""
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(vars(cfg), f, indent=2)
-    append_metrics(os.path.join(cfg.out, "metrics.jsonl"), None, keep_until=run.epoch)
+    for name in ("metrics.jsonl", "spectrum.jsonl"):
+        append_jsonl(os.path.join(cfg.out, name), keep_until_step=run.step)
     target = f"EMA target {cfg.ema}" if cfg.ema else "no EMA"
-    print(f"{cfg.dataset}: {len(train_loader.dataset)} training images, {cfg.steps_per_epoch} steps/epoch; "
+    print(f"{cfg.dataset}: {len(loaders.train.dataset)} training images, {cfg.steps_per_epoch} steps/epoch; "
           f"{cfg.arch} ({cfg.stem} stem), {cfg.predictor} predictor, loss {cfg.loss}, {target}, "
-          f"{cfg.optimizer} lr {cfg.lr_scaled:g} wd {cfg.wd:g}; {cfg.device}; out {cfg.out}", flush=True)
+          f"{cfg.optimizer} lr {cfg.lr_scaled:g} wd {cfg.wd:g}, warm-up {cfg.warmup_steps} steps; "
+          f"{cfg.device}; out {cfg.out}", flush=True)
     run.t0, run.step0 = time.time(), run.step           # the pace since this process started, for the ETA
 
 
+def finish_epoch(run, loaders, cfg, row):
+    """Evaluate if due, add the spectrum's monitors, write metrics.jsonl, spectrum.jsonl and last.pt."""
+    due = run.epoch == cfg.epochs or (cfg.eval_every > 0 and run.epoch % cfg.eval_every == 0)
+    acc = evaluate(run.model, loaders, cfg) if due else dict(acc1=None, acc5=None)
+    spec = log_spectrum(run, cfg)
+    row = dict(epoch=run.epoch, step=run.step, **row, **acc)
+    row.update(monitors(spec["eigenvalues"], row["z_std"]))
+    append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), row)
+    save_checkpoint(checkpoint_state(run, cfg), os.path.join(cfg.out, "last.pt"))
+    print(f"epoch {run.epoch}/{cfg.epochs} done in {row['seconds']:.1f}s: loss {row['loss']:.4f}"
+          + (f", probe acc1 {row['acc1']:.2f}%" if due else "")
+          + (f", k-NN acc1 {row['knn_acc1']:.2f}%" if row.get("knn_acc1") is not None else "")
+          + f"; C: participation ratio {row['participation_ratio']:.1f} of {cfg.proj_dim}, top eigenvalue "
+          f"{100 * row['top_share']:.0f}% of the trace; z_std {row['z_std']:.2f}", flush=True)
+    if row["collapsed"]:
+        print(f"warning: epoch {run.epoch}: the embeddings look collapsed (top eigenvalue of C above "
+              f"{COLLAPSED['top_share']:.0%} of its trace, or z_std below {COLLAPSED['z_std']})", flush=True)
+    return row
+
+
+def crashed(run, cfg, crash):
+    """A crashed run: a "crashed" row in metrics.jsonl, one error line, exit code CRASHED. last.pt (if
+    any) is the last good epoch's: it is written only after an epoch with finite numbers throughout."""
+    epoch = (crash.step - 1) // cfg.steps_per_epoch + 1
+    append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), dict(epoch=epoch, step=crash.step, crashed=True,
+                                                               reason=str(crash)))
+    kept = (f"the last good checkpoint is {os.path.join(cfg.out, 'last.pt')} (epoch {run.epoch})" if run.epoch
+            else "no epoch finished, no checkpoint")
+    print(f"train.py: error: crashed at epoch {epoch}, step {crash.step}: {crash}; {kept}", file=sys.stderr,
+          flush=True)
+    raise SystemExit(CRASHED)
+
+
 def main(argv=None):
-    """Train as `argv` (default: sys.argv) says; returns the metrics row of the last epoch trained."""
+    """Train as `argv` (default: sys.argv) says; returns the metrics row of the last epoch trained.
+    Exit codes: 1 bad data, files or checkpoint; 2 bad command line; 3 (CRASHED) a crashed run."""
     cfg = get_config(argv)
+    if cfg.plot:
+        return plot(cfg.plot)
     path = resume_path(cfg)
     if path is None and os.path.exists(os.path.join(cfg.out, "last.pt")):
         fail(f"{cfg.out} already holds a run (last.pt): pass --resume auto to continue it, or another --out")
-    run, train_loader, eval_loader = setup(cfg)
+    run, loaders = setup(cfg)
     if path is not None:
         load_checkpoint(path, run, cfg)
-    start_outputs(cfg, run, train_loader)
+    start_outputs(cfg, run, loaders)
     row = None
     if run.epoch >= cfg.epochs:
         print(f"nothing to do: {run.epoch} of {cfg.epochs} epochs done (raise --epochs to continue)")
-    while run.epoch < cfg.epochs:
-        row = train_epoch(run, train_loader, cfg)
-        run.epoch += 1
-        due = run.epoch == cfg.epochs or (cfg.eval_every > 0 and run.epoch % cfg.eval_every == 0)
-        acc = evaluate(run.model, eval_loader, cfg) if due else dict(acc1=None, acc5=None)
-        row = dict(epoch=run.epoch, step=run.step, **row, **acc)
-        append_metrics(os.path.join(cfg.out, "metrics.jsonl"), row)
-        save_checkpoint(checkpoint_state(run, cfg), os.path.join(cfg.out, "last.pt"))
-        print(f"epoch {run.epoch}/{cfg.epochs} done in {row['seconds']:.1f}s: loss {row['loss']:.4f}"
-              + (f", probe acc1 {row['acc1']:.2f}%" if due else ""), flush=True)
+    try:
+        while run.epoch < cfg.epochs:
+            row = train_epoch(run, loaders, cfg)
+            run.epoch += 1
+            row = finish_epoch(run, loaders, cfg, row)
+    except Crash as crash:
+        crashed(run, cfg, crash)
     return row
 
 
