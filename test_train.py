@@ -260,7 +260,7 @@ def test_ssl_loss_scale_and_C_update():
         cfg = config(["--dataset=cifar10", f"--loss={loss}", "--proj-dim=6", "--proj-hidden=8"])
         model, _ = train.build_model(cfg, 10)
         model.predictor.C.copy_(torch.eye(6))
-        L = train.ssl_loss(model, z1, z2, z1_t, z2_t, cfg)
+        L = train.ssl_loss(model, z1, z2, None, None, z1_t, z2_t, cfg)
         C = 0.998 ** 2 * torch.eye(6) + (1 - 0.998 ** 2) * torch.cat([z1, z2]).T @ torch.cat([z1, z2]) / 16
         assert torch.allclose(model.predictor.C, C, atol=1e-6)
         W_P, _ = isoloss.predictor(C, 0.5, 0.0)
@@ -274,7 +274,9 @@ def test_ssl_loss_scale_and_C_update():
     model, _ = train.build_model(cfg, 10)
     p1, p2 = model.predictor(z1), model.predictor(z2)
     expected = -2 * (F.cosine_similarity(p1, z2_t).mean() + F.cosine_similarity(p2, z1_t).mean())
-    assert torch.allclose(train.ssl_loss(model, z1, z2, z1_t, z2_t, cfg), expected, atol=1e-5)
+    assert torch.allclose(train.ssl_loss(model, z1, z2, p1, p2, z1_t, z2_t, cfg), expected, atol=1e-5)
+    zz = torch.cat([z1, z2])                                       # a learned predictor's C, for monitoring
+    torch.testing.assert_close(model.stats.C, (1 - 0.998 ** 2) * zz.T @ zz / 16)
 
 
 @pytest.mark.parametrize("loss", ["iso_euc", "iso_cos"])
@@ -286,7 +288,7 @@ def test_iso_loss_gradient_is_straight_through(loss):
     z1.requires_grad_(True)
     cfg = config(["--dataset=cifar10", f"--loss={loss}", "--proj-dim=6", "--proj-hidden=8"])
     model, _ = train.build_model(cfg, 10)
-    train.ssl_loss(model, z1, z2, z1_t, z2_t, cfg).backward()       # only view order 1 involves z1
+    train.ssl_loss(model, z1, z2, None, None, z1_t, z2_t, cfg).backward()   # only view order 1 has z1
     W_P, _ = model.predictor()
     p = (z1.detach() @ W_P).requires_grad_(True)
     base = ((p - z2_t) ** 2).sum(1).mean() if loss == "iso_euc" else -2 * F.cosine_similarity(p, z2_t).mean()
@@ -324,12 +326,11 @@ def test_straight_through_step_equals_the_eq17_step(tmp_path, no_md5, monkeypatc
 
 
 def test_probe_ignores_unlabelled_images():
-    probe = torch.nn.Linear(3, 4)
-    h = torch.randn(2, 3)
+    logits = torch.randn(2, 4).repeat(2, 1)                # (2B, classes): both views, same logits
     y = torch.tensor([2, -1])
-    expected = F.cross_entropy(probe(h[:1]), y[:1])        # both views carry the same labelled logits
-    assert torch.allclose(train.probe_loss(probe, h, h, y), expected)
-    assert train.probe_loss(probe, h, h, torch.tensor([-1, -1])).item() == 0.0   # not NaN
+    expected = F.cross_entropy(logits[:1], y[:1])           # only the labelled image counts
+    assert torch.allclose(train.probe_loss(logits, y), expected)
+    assert train.probe_loss(logits, torch.tensor([-1, -1])).item() == 0.0   # not NaN
 
 
 def test_lars_matches_formula_and_sgd():
@@ -592,6 +593,69 @@ def test_plot_writes_the_diagnostic_figures(tmp_path, no_md5):
         assert Image.open(p).size[0] > 300
     with pytest.raises(SystemExit, match="not a run directory"):
         train.main(["--plot", str(tmp_path / "data")])
+
+
+# -----------------------------------------------------------------------------
+# Distributed: 2 CPU processes (gloo) against one process with the whole batch
+# -----------------------------------------------------------------------------
+
+DDP_FLAGS = ["--dataset=cifar10", "--image-size=16", "--proj-hidden=32", "--proj-dim=16", "--batch-size=8",
+             "--workers=0", "--log-every=1", "--device=cpu", "--limit=16"]
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g), torch.arange(8) % 10
+
+
+def steps_on_fixed_tensors(cfg, rank=0, world=1, steps=2):
+    """Two training steps on the fixed global batch (this process's share of it); the model afterwards."""
+    run_, _ = train.setup(cfg)
+    x1, x2, y = fixed_batch()
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    for _ in range(steps):
+        train.set_lr(run_.opt, cfg.warmup_steps, cfg)
+        train.train_step(run_, x1[share], x2[share], y[share], cfg, 0.99)
+    return dict(model=run_.model.state_dict(), target=run_.target.state_dict())
+
+
+def ddp_worker(rank, world, port, data, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
+    cfg = train.get_config([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/unused"])
+    train.init_distributed(cfg)
+    torch.save(steps_on_fixed_tensors(cfg, rank, world), f"{out}/rank{rank}.pt")
+    train.main([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/run", "--epochs=1"])       # the whole loop,
+    train.main([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/run", "--epochs=2", "--resume=auto"])  # resumed
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, no_md5):
+    """torchrun's setting on 2 CPU processes (gloo): DDP, synchronised BatchNorm, C averaged over the
+    processes. Both hold the same parameters and C, equal to one process's after the same steps on the
+    whole batch; the loop runs, rank 0 alone writes, and --resume continues."""
+    import socket
+    import torch.multiprocessing as mp
+    write_cifar(str(tmp_path / "data"), per_batch=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_worker, args=(2, port, str(tmp_path / "data"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = steps_on_fixed_tensors(config([*DDP_FLAGS, f"--data-dir={tmp_path / 'data'}"]))
+    for part in ("model", "target"):
+        for k, v in single[part].items():
+            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), k                # identical ranks
+            tol = dict(rtol=1e-4, atol=1e-5) if v.is_floating_point() else dict(rtol=0, atol=0)
+            torch.testing.assert_close(ranks[0][part][k], v, **tol, msg=k)            # = one process
+    assert not torch.equal(single["model"]["predictor.C"], torch.zeros(16, 16))
+    rows = read_metrics(tmp_path / "run")
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2), (2, 4)]               # 16 images / 8 per step
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["world_size"], cfg["batch_size"]) == (2, 8)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
 
 
 # -----------------------------------------------------------------------------

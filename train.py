@@ -32,6 +32,7 @@ import types
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torchvision import datasets
@@ -117,7 +118,8 @@ def parser():
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers (default %(default)s)")
     a("--seed", type=int, default=0, help="(default %(default)s)")
     a("--device", default="auto", help="auto (default): cuda if available, else cpu")
-    a("--amp", action="store_true", help="autocast: fp16 + GradScaler on CUDA, bf16 on CPU")
+    a("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], help="autocast: bf16 (default if given "
+      "without a value), or fp16 with a GradScaler (CUDA only); C, W_P and the losses stay float32")
     a("--eval-every", type=int, default=1, help="epochs between probe evaluations; 0: only at the end")
     a("--knn", type=int, nargs="?", const=20, metavar="K", help="also report weighted k-NN top-1 accuracy "
       "on backbone features at each evaluation (K neighbours, default 20 if given without a value)")
@@ -165,6 +167,12 @@ def check_args(p, args):
         p.error(f"--out {args.out} is a file, not a directory")
     if args.device != "auto":
         check_device(p, args.device)
+    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    if args.amp == "fp16" and not cuda:
+        p.error("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 on a CPU")
+    world = int(os.environ.get("WORLD_SIZE", 1))                    # torchrun's processes
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} (the global batch) must be divisible by the {world} processes")
 
 
 def check_device(p, name):
@@ -185,6 +193,9 @@ def resolve(args):
     d = DATASETS[args.dataset]
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if args.world_size > 1 and args.device.startswith("cuda"):      # torchrun: one GPU per process
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     args.image_size = args.image_size or d["crop"]
     size = args.image_size  # `folder`: stem and blur like the Table 4 dataset of the nearest size
     if args.stem == "auto":
@@ -387,11 +398,15 @@ def build_data(cfg):
         train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
     if len(train) < cfg.batch_size:
         fail(f"{len(train)} training images are fewer than one batch (--batch-size {cfg.batch_size})")
-    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
-    # The generator is re-seeded every epoch (seed + epoch): shuffling and worker seeds do not depend
-    # on where a run was resumed.
+    kw = dict(batch_size=cfg.batch_size // cfg.world_size, num_workers=cfg.workers,
+              pin_memory=cfg.device.startswith("cuda"))
+    # The generator is re-seeded every epoch (train_epoch): shuffling and worker seeds do not depend on
+    # where a run was resumed. Under torchrun each process takes its share of every epoch's permutation.
+    sampler = (torch.utils.data.DistributedSampler(train, cfg.world_size, cfg.rank, seed=cfg.seed, drop_last=True)
+               if cfg.world_size > 1 else None)
     loaders = types.SimpleNamespace(
-        train=torch.utils.data.DataLoader(train, shuffle=True, drop_last=True, generator=torch.Generator(), **kw),
+        train=torch.utils.data.DataLoader(train, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                                          generator=torch.Generator(), **kw),
         eval=torch.utils.data.DataLoader(val, shuffle=False, **kw),
         bank=torch.utils.data.DataLoader(knn_bank(train, eval_tf), shuffle=False, **kw) if cfg.knn else None)
     return loaders, num_classes
@@ -445,28 +460,124 @@ class Encoder(nn.Module):
         return h, self.projector(h)   # (B, 512), (B, M)
 
 
+class Model(nn.Module):
+    """The online network: encoder (backbone + projector), predictor, linear probe; with a learned predictor
+    also `stats`, a running C of the projector outputs kept as the closed-form predictor keeps its own,
+    for the diagnostics only. forward() runs every part with parameters in one call, as
+    DistributedDataParallel needs."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        if cfg.predictor == "closed":   # buffer C (M, M), float32, no gradient; W_P = U D^alpha U^T (Eq. 1)
+            self.predictor = isoloss.ClosedFormPredictor(cfg.proj_dim, cfg.alpha, cfg.eps, cfg.tau)
+        elif cfg.predictor == "mlp":    # BYOL's nonlinear predictor
+            self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
+        else:                           # trainable linear W_P (Fig. 4)
+            self.predictor = nn.Linear(cfg.proj_dim, cfg.proj_dim, bias=False)
+        self.probe = nn.Linear(self.encoder.dim, num_classes)
+        self.learned = cfg.predictor != "closed"
+        if self.learned:
+            self.stats = isoloss.ClosedFormPredictor(cfg.proj_dim, tau=cfg.tau)
+
+    @property
+    def C_keeper(self):
+        """The ClosedFormPredictor that keeps the running C = E[z z^T] (M, M) of the projector outputs."""
+        return self.stats if self.learned else self.predictor
+
+    def forward(self, x1, x2):
+        """Views (B, 3, H, W) -> z1, z2 (B, M); learned predictions p1, p2 (B, M), or None with the
+        closed-form predictor (applied in the loss); probe logits (2B, classes) of detached features."""
+        h1, z1 = self.encoder(x1)                   # (B, 512), (B, M)
+        h2, z2 = self.encoder(x2)                   # views forwarded separately: BN statistics per view
+        p1, p2 = (self.predictor(z1), self.predictor(z2)) if self.learned else (None, None)
+        return z1, z2, p1, p2, self.probe(torch.cat([h1, h2]).detach())
+
+
 def build_model(cfg, num_classes):
-    """model = {encoder, predictor, probe[, stats]}; target = EMA copy of the encoder, or None (online target).
-    Learned predictors get `stats`: a running C of the projector outputs, kept as the closed-form
-    predictor keeps its own, for the diagnostics only."""
-    encoder = Encoder(cfg)
-    if cfg.predictor == "closed":   # buffer C (M, M), float32, no gradient; W_P = U D^alpha U^T (Eq. 1)
-        predictor = isoloss.ClosedFormPredictor(cfg.proj_dim, cfg.alpha, cfg.eps, cfg.tau)
-    elif cfg.predictor == "mlp":    # BYOL's nonlinear predictor
-        predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
-    else:                           # trainable linear W_P (Fig. 4)
-        predictor = nn.Linear(cfg.proj_dim, cfg.proj_dim, bias=False)
-    model = nn.ModuleDict(dict(encoder=encoder, predictor=predictor, probe=nn.Linear(encoder.dim, num_classes)))
-    if cfg.predictor != "closed":
-        model["stats"] = isoloss.ClosedFormPredictor(cfg.proj_dim, tau=cfg.tau)
-    target = copy.deepcopy(encoder).requires_grad_(False) if cfg.ema > 0 else None
+    """The online Model and its target: an EMA copy of the encoder, or None (the online encoder under
+    stop-grad). Under torchrun, BatchNorm layers are synchronised across processes (SyncBatchNorm, as
+    the reference code's runs)."""
+    model = Model(cfg, num_classes)
+    target = copy.deepcopy(model.encoder).requires_grad_(False) if cfg.ema > 0 else None
+    if cfg.world_size > 1:
+        model, target = (sync_batchnorm(m, cfg) if m is not None else None for m in (model, target))
     return model, target
 
 
-def C_keeper(model):
-    """The ClosedFormPredictor that keeps the running C = E[z z^T] (M, M) of the projector outputs: the
-    closed-form predictor itself or, with a learned predictor, `stats` (kept the same way, never used)."""
-    return model["stats"] if "stats" in model else model.predictor
+# -----------------------------------------------------------------------------
+# Distributed (torchrun): opt-in; a single process skips all of it
+# -----------------------------------------------------------------------------
+
+def init_distributed(cfg):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs (one per process), gloo on
+    CPUs. Only rank 0 prints (and writes: see `main_process`)."""
+    if cfg.world_size > 1 and not dist.is_initialized():
+        if cfg.device.startswith("cuda"):
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        if cfg.rank:
+            sys.stdout = open(os.devnull, "w")
+
+
+def main_process(cfg):
+    return cfg.rank == 0
+
+
+def mean_over_ranks(t):
+    """`t` averaged over the processes, in place; `t` itself in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.forward(ctx, grad)
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over all processes' samples for CPU processes (gloo), where torch's SyncBatchNorm does not
+    run: per-channel sums of x and x^2 all-reduced with autograd (AllReduceSum), in float32."""
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        xf = x.float()
+        s = AllReduceSum.apply(torch.stack([xf.sum(dims), (xf * xf).sum(dims)])) / n   # (2, C): E[x], E[x^2]
+        mean, var = s[0], s[1] - s[0] ** 2
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)            # unbiased, as BatchNorm's
+            self.num_batches_tracked += 1
+        y = (xf - mean.view(shape)) * (var.view(shape) + self.eps).rsqrt()
+        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
+def sync_batchnorm(module, cfg):
+    """Every BatchNorm of `module` synchronised across processes: torch's SyncBatchNorm on GPUs."""
+    if cfg.device.startswith("cuda"):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync.requires_grad_(child.weight.requires_grad))
+        else:
+            sync_batchnorm(child, cfg)
+    return module
 
 
 # -----------------------------------------------------------------------------
@@ -483,8 +594,9 @@ def pair_loss(kind, z1, z2_t, W_P=None):
     return (isoloss.loss_euc if kind == "euc" else isoloss.loss_cos)(z1, z2_t, W_P)
 
 
-def ssl_loss(model, z1, z2, z1_t, z2_t, cfg):
-    """L = 2 * [L(z1, SG(z2_t)) + L(z2, SG(z1_t))]: both view orders against the target branch.
+def ssl_loss(model, z1, z2, p1, p2, z1_t, z2_t, cfg):
+    """L = 2 * [L(p1, SG(z2_t)) + L(p2, SG(z1_t))]: both view orders against the target branch, with
+    p = W_P z (closed form: from C, applied in the loss) or the learned predictions p1, p2.
 
     Scale: twice the paper's constants, i.e. the reference code's: BYOL's 2 - 2 cos per view order
     (without its constant 2, which has no gradient) and the Euclidean sum of squares without the 1/2,
@@ -495,20 +607,19 @@ def ssl_loss(model, z1, z2, z1_t, z2_t, cfg):
     # step, the same time constant as the reference code's one update per view (which also gave view 1
     # a W_P that had seen only view 1). The batch is folded in before W_P is built. C moves only here,
     # in training steps: the reference code also moved C on evaluation batches, a side effect we avoid.
-    C_keeper(model).update(z1, z2)                  # z detached inside; C stays float32 under AMP
-    if cfg.predictor != "closed":
-        p1, p2 = model.predictor(z1), model.predictor(z2)            # (B, M) learned predictions
+    # Under torchrun C is averaged over the processes: every one holds the C of the global batch.
+    model.C_keeper.update(z1, z2, reduce=mean_over_ranks)          # z detached inside; float32 under AMP
+    if model.learned:
         return 2 * (pair_loss(cfg.loss, p1, z2_t) + pair_loss(cfg.loss, p2, z1_t))
     W_P, _ = model.predictor()                                       # (M, M), no gradient
     return 2 * (pair_loss(cfg.loss, z1, z2_t, W_P) + pair_loss(cfg.loss, z2, z1_t, W_P))
 
 
-def probe_loss(probe, h1, h2, y):
-    """Cross-entropy of the linear probe on detached features of both views; label -1 is ignored."""
-    logits = probe(torch.cat([h1, h2]).detach()).float()   # (2B, classes)
+def probe_loss(logits, y):
+    """Cross-entropy of the linear probe (logits (2B, classes) of both views); label -1 is ignored."""
     y = torch.cat([y, y])                                   # (2B,)
     n = (y >= 0).sum().clamp(min=1)          # a batch of only unlabelled STL-10 images gives 0, not NaN
-    return F.cross_entropy(logits, y, ignore_index=-1, reduction="sum") / n
+    return F.cross_entropy(logits.float(), y, ignore_index=-1, reduction="sum") / n
 
 
 @torch.no_grad()
@@ -521,17 +632,15 @@ def target_outputs(target, x1, x2, z1, z2):
 
 
 def autocast(cfg):
-    """--amp: fp16 on CUDA, bf16 on CPU; otherwise a no-op. isoloss.py computes C, W_P, losses in float32."""
-    device = torch.device(cfg.device).type
-    return torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16,
-                          enabled=cfg.amp)
+    """--amp bf16 (or fp16, CUDA only); otherwise a no-op. isoloss.py computes C, W_P, losses in float32."""
+    dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+    return torch.autocast(torch.device(cfg.device).type, dtype=dtype, enabled=cfg.amp is not None)
 
 
 @torch.no_grad()
 def update_target(target, online, m):
-    """xi <- m xi + (1 - m) theta (BYOL). Parameters only: the target's BN statistics are its own."""
-    for p_t, p in zip(target.parameters(), online.parameters()):
-        p_t.lerp_(p, 1 - m)
+    """xi <- m xi + (1 - m) theta (BYOL), one fused update. Parameters only: the BN statistics are its own."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
 
 def z_std(z):
@@ -543,22 +652,21 @@ def z_std(z):
 
 def train_step(run, x1, x2, y, cfg, m):
     """One optimisation step on a batch of view pairs. Returns the detached (ssl loss, probe loss, z_std)
-    and notes a non-finite loss, embedding or C in run.bad, all without waiting for the device."""
-    model = run.model
+    and notes a non-finite loss, embedding or C in run.bad, all without waiting for the device (but for
+    the closed-form predictor's eigendecomposition, which does)."""
     with autocast(cfg):
-        h1, z1 = model.encoder(x1)                  # (B, 512), (B, M)
-        h2, z2 = model.encoder(x2)                  # views forwarded separately: BN statistics per view
+        z1, z2, p1, p2, logits = run.ddp(x1, x2)    # (B, M) x 4 (p: None for closed), (2B, classes)
         z1_t, z2_t = target_outputs(run.target, x1, x2, z1, z2)
-        loss = ssl_loss(model, z1, z2, z1_t, z2_t, cfg)
-        ploss = probe_loss(model.probe, h1, h2, y)
+        loss = ssl_loss(run.model, z1, z2, p1, p2, z1_t, z2_t, cfg)
+        ploss = probe_loss(logits, y)
     z = torch.cat([z1, z2])                         # (2B, M)
-    watch(run, loss, z, C_keeper(model).C)
+    watch(run, loss, z, run.model.C_keeper.C)
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss + ploss).backward()
     run.scaler.step(run.opt)
     run.scaler.update()
     if run.target is not None:
-        update_target(run.target, model.encoder, m)
+        update_target(run.target, run.model.encoder, m)
     return torch.stack([loss.detach(), ploss.detach(), z_std(z)])
 
 
@@ -572,7 +680,9 @@ class LARS(torch.optim.Optimizer):
         r = eta ||w|| / (||g|| + wd ||w||),  clipped (clip_lr): r <- min(r / lr, 1)
 
     (You et al. 2017, with solo-learn's clipping, as the reference code used). Weight decay is added to
-    the gradient before scaling. Groups with lars=False are plain SGD with momentum.
+    the gradient before scaling. Groups with lars=False are plain SGD with momentum. Each group is
+    updated with a few multi-tensor (torch._foreach_*) ops, the trust ratios as one vector: no loop over
+    tensors and no waiting for the device.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True, lars=True):
@@ -582,26 +692,26 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d_p = p.grad.add(p, alpha=g["weight_decay"])
-                if g["lars"]:
-                    d_p.mul_(self.trust_ratio(p, g))
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d_p.clone()
-                else:
-                    buf.mul_(g["momentum"]).add_(d_p)
-                p.add_(buf, alpha=-g["lr"])
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            d_p = torch._foreach_add(grads, params, alpha=g["weight_decay"])     # g + wd w
+            if g["lars"]:
+                torch._foreach_mul_(d_p, self.trust_ratios(params, grads, g))
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, g["momentum"])                            # buf <- momentum buf + d_p
+            torch._foreach_add_(bufs, d_p)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
     @staticmethod
-    def trust_ratio(p, g):
-        w_norm, g_norm = p.norm(), p.grad.norm()
+    def trust_ratios(params, grads, g):
+        """One clipped trust ratio per tensor (0-dim tensors); 1 where the weight or gradient is zero."""
+        w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
         r = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
         if g["clip_lr"] and g["lr"] > 0:
             r = (r / g["lr"]).clamp(max=1.0)
-        return torch.where((w_norm > 0) & (g_norm > 0), r, torch.ones_like(r))   # 1 for zero tensors
+        return torch.where((w_norm > 0) & (g_norm > 0), r, torch.ones_like(r)).unbind()
 
 
 def build_optimizer(model, cfg):
@@ -663,8 +773,14 @@ def watch(run, loss, z, C):
 
 
 def check_finite(run):
-    """Raise Crash if a step so far met a non-finite number (reads run.bad: waits for the device)."""
-    step, bits = run.bad.tolist()
+    """Raise Crash if a step so far met a non-finite number (reads run.bad: waits for the device). Under
+    torchrun all processes stop together, at the earliest step any of them saw."""
+    bad = run.bad.clone()
+    if dist.is_initialized():       # max of (-step, bits): the earliest step; "no step" is the lowest key
+        bad[0] = torch.where(bad[0] > 0, -bad[0], torch.iinfo(bad.dtype).min)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad[0] = torch.where(bad[0] == torch.iinfo(bad.dtype).min, 0, -bad[0])
+    step, bits = bad.tolist()
     if step:
         raise Crash(step, "non-finite " + ", ".join(n for i, n in enumerate(WATCHED) if bits >> i & 1))
 
@@ -687,7 +803,9 @@ def train_epoch(run, loaders, cfg):
     if run.target is not None:
         run.target.train()                          # BYOL's target uses batch statistics
     loader = loaders.train
-    loader.generator.manual_seed(cfg.seed + run.epoch)
+    loader.generator.manual_seed((cfg.seed + run.epoch) * cfg.world_size + cfg.rank)   # seed + epoch alone
+    if cfg.world_size > 1:
+        loader.sampler.set_epoch(run.epoch)
     device, t0 = torch.device(cfg.device), time.time()
     sums = torch.zeros(3, device=device)            # (ssl loss, probe loss, z_std), summed over steps
     for i, ((x1, x2), y) in enumerate(batches(loader), 1):
@@ -697,7 +815,7 @@ def train_epoch(run, loaders, cfg):
             sums += train_step(run, x1, x2, y, cfg, ema_at(run.step, cfg))
         except torch.linalg.LinAlgError as e:       # even in float64 (isoloss._eigh): say why, if we can
             check_finite(run)                       # an earlier step's non-finite numbers
-            finite = torch.isfinite(C_keeper(run.model).C).all()
+            finite = torch.isfinite(run.model.C_keeper.C).all()
             raise Crash(run.step + 1, "non-finite C" if not finite else
                         f"the eigendecomposition of C failed ({last_line(e)})") from None
         run.step += 1
@@ -707,7 +825,7 @@ def train_epoch(run, loaders, cfg):
         if cfg.spectrum_every and run.step % cfg.spectrum_every == 0 and i < len(loader):  # (ends: always)
             check_finite(run)
             log_spectrum(run, cfg)
-    loss, ploss, zstd = (sums / len(loader)).tolist()
+    loss, ploss, zstd = mean_over_ranks(sums / len(loader)).tolist()
     return dict(loss=loss, probe_loss=ploss, lr=lr, seconds=time.time() - t0, z_std=zstd)
 
 
@@ -770,7 +888,7 @@ COLLAPSED = dict(top_share=0.9, z_std=0.1)  # "collapsed": top_share above, or z
 def spectrum(model, cfg):
     """C's eigenvalues, descending (float64); with a linear predictor also Fig. 4's alignment: the
     cosine between each eigenvector u_i of C and W_P u_i, in the same order."""
-    s, U = torch.linalg.eigh(C_keeper(model).C.double().cpu())
+    s, U = torch.linalg.eigh(model.C_keeper.C.double().cpu())
     s, U = s.flip(0), U.flip(1)                                     # (M,), (M, M) columns u_i
     row = dict(eigenvalues=s.tolist())
     if cfg.predictor == "linear":
@@ -782,7 +900,8 @@ def spectrum(model, cfg):
 def log_spectrum(run, cfg):
     """Append C's spectrum (and alignment) with epoch (the one in progress or just done) and step."""
     row = dict(epoch=(run.step - 1) // cfg.steps_per_epoch + 1, step=run.step, **spectrum(run.model, cfg))
-    append_jsonl(os.path.join(cfg.out, "spectrum.jsonl"), row)
+    if main_process(cfg):
+        append_jsonl(os.path.join(cfg.out, "spectrum.jsonl"), row)
     return row
 
 
@@ -977,26 +1096,33 @@ def setup(cfg):
     loaders, num_classes = build_data(cfg)
     schedule(cfg, len(loaders.train))
     model, target = build_model(cfg, num_classes)
-    model.to(cfg.device)
-    if target is not None:
-        target.to(cfg.device)
+    if cfg.world_size > 1:                          # same model everywhere, its own augmentations per process
+        torch.manual_seed(cfg.seed + 1 + cfg.rank)
+    layout = torch.channels_last if cfg.device.startswith("cuda") else torch.contiguous_format  # cuDNN's best
+    for m in (model, target):
+        if m is not None:
+            m.to(cfg.device, memory_format=layout)
+    ddp = model if cfg.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None)
     device = torch.device(cfg.device).type          # loss scaling for fp16 only (CUDA), not bf16
-    scaler = torch.amp.GradScaler(device, enabled=cfg.amp and device == "cuda")
-    run = types.SimpleNamespace(model=model, target=target, opt=build_optimizer(model, cfg), scaler=scaler,
-                                epoch=0, step=0, bad=torch.zeros(2, dtype=torch.long, device=cfg.device),
+    scaler = torch.amp.GradScaler(device, enabled=cfg.amp == "fp16")
+    run = types.SimpleNamespace(model=model, ddp=ddp, target=target, opt=build_optimizer(model, cfg),
+                                scaler=scaler, epoch=0, step=0, bad=torch.zeros(2, dtype=torch.long, device=cfg.device),
                                 t0=time.time(), step0=0)
     return run, loaders
 
 
 def start_outputs(cfg, run, loaders):
     """Create --out, write config.json, drop rows of steps after the checkpoint, print a summary."""
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(vars(cfg), f, indent=2)
-    for name in ("metrics.jsonl", "spectrum.jsonl"):
-        append_jsonl(os.path.join(cfg.out, name), keep_until_step=run.step)
+    if main_process(cfg):
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(vars(cfg), f, indent=2)
+        for name in ("metrics.jsonl", "spectrum.jsonl"):
+            append_jsonl(os.path.join(cfg.out, name), keep_until_step=run.step)
     target = f"EMA target {cfg.ema}" if cfg.ema else "no EMA"
-    print(f"{cfg.dataset}: {len(loaders.train.dataset)} training images, {cfg.steps_per_epoch} steps/epoch; "
+    print(f"{cfg.dataset}: {len(loaders.train.dataset)} training images, {cfg.steps_per_epoch} steps/epoch"
+          f"{f' on each of {cfg.world_size} processes' if cfg.world_size > 1 else ''}; "
           f"{cfg.arch} ({cfg.stem} stem), {cfg.predictor} predictor, loss {cfg.loss}, {target}, "
           f"{cfg.optimizer} lr {cfg.lr_scaled:g} wd {cfg.wd:g}, warm-up {cfg.warmup_steps} steps; "
           f"{cfg.device}; out {cfg.out}", flush=True)
@@ -1004,7 +1130,10 @@ def start_outputs(cfg, run, loaders):
 
 
 def finish_epoch(run, loaders, cfg, row):
-    """Evaluate if due, add the spectrum's monitors, write metrics.jsonl, spectrum.jsonl and last.pt."""
+    """Evaluate if due, add the spectrum's monitors, write metrics.jsonl, spectrum.jsonl and last.pt.
+    Under torchrun rank 0 alone evaluates (the whole evaluation split) and writes."""
+    if not main_process(cfg):
+        return row
     due = run.epoch == cfg.epochs or (cfg.eval_every > 0 and run.epoch % cfg.eval_every == 0)
     acc = evaluate(run.model, loaders, cfg) if due else dict(acc1=None, acc5=None)
     spec = log_spectrum(run, cfg)
@@ -1027,12 +1156,13 @@ def crashed(run, cfg, crash):
     """A crashed run: a "crashed" row in metrics.jsonl, one error line, exit code CRASHED. last.pt (if
     any) is the last good epoch's: it is written only after an epoch with finite numbers throughout."""
     epoch = (crash.step - 1) // cfg.steps_per_epoch + 1
-    append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), dict(epoch=epoch, step=crash.step, crashed=True,
-                                                               reason=str(crash)))
-    kept = (f"the last good checkpoint is {os.path.join(cfg.out, 'last.pt')} (epoch {run.epoch})" if run.epoch
-            else "no epoch finished, no checkpoint")
-    print(f"train.py: error: crashed at epoch {epoch}, step {crash.step}: {crash}; {kept}", file=sys.stderr,
-          flush=True)
+    if main_process(cfg):
+        append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), dict(epoch=epoch, step=crash.step, crashed=True,
+                                                                   reason=str(crash)))
+        kept = (f"the last good checkpoint is {os.path.join(cfg.out, 'last.pt')} (epoch {run.epoch})"
+                if run.epoch else "no epoch finished, no checkpoint")
+        print(f"train.py: error: crashed at epoch {epoch}, step {crash.step}: {crash}; {kept}", file=sys.stderr,
+              flush=True)
     raise SystemExit(CRASHED)
 
 
@@ -1042,6 +1172,7 @@ def main(argv=None):
     cfg = get_config(argv)
     if cfg.plot:
         return plot(cfg.plot)
+    init_distributed(cfg)
     path = resume_path(cfg)
     if path is None and os.path.exists(os.path.join(cfg.out, "last.pt")):
         fail(f"{cfg.out} already holds a run (last.pt): pass --resume auto to continue it, or another --out")
@@ -1059,6 +1190,8 @@ def main(argv=None):
             row = finish_epoch(run, loaders, cfg, row)
     except Crash as crash:
         crashed(run, cfg, crash)
+    if dist.is_initialized():
+        dist.barrier()                              # rank 0's files are complete when every process returns
     return row
 
 
