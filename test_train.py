@@ -472,16 +472,20 @@ def test_resume_continues_from_saved_epoch(tmp_path, no_md5):
     assert (state["epoch"], state["step"], state["config"]["epochs"]) == (3, 6, 3)
 
 
-def test_resume_is_exact(tmp_path, no_md5, monkeypatch):
-    """Stopping after epoch 1 and resuming gives the same epoch 2 as an uninterrupted run."""
+@pytest.mark.parametrize("dataset, extra", [("cifar10", []), ("cifar10", ["--gpu-aug"]),
+                                            ("stl10", ["--gpu-aug", "--limit=16", "--batch-size=8"])])
+def test_resume_is_exact(tmp_path, no_md5, monkeypatch, dataset, extra):
+    """Stopping after epoch 1 and resuming gives the same epoch 2 as an uninterrupted run, with either
+    pipeline (on the device: every epoch's augmentations are seeded from seed, epoch and rank)."""
     save = train.save_checkpoint
 
     def save_and_keep(state, path):      # keep a copy of every epoch's checkpoint
         save(state, path)
         save(state, path.replace("last.pt", f"epoch{state['epoch']}.pt"))
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
-    a, _ = run(tmp_path, "cifar10", "--epochs", "2", out="a")
-    b, _ = run(tmp_path, "cifar10", "--epochs", "2", "--resume", str(a / "epoch1.pt"), out="b")
+    a, _ = run(tmp_path, dataset, "--epochs", "2", *extra, out="a")
+    b, _ = run(tmp_path, dataset, "--epochs", "2", "--resume", str(a / "epoch1.pt"), *extra, out="b")
+    assert json.loads((b / "config.json").read_text())["gpu_aug"] == ("--gpu-aug" in extra)
     (row_a, row_b) = read_metrics(a)[1], read_metrics(b)[0]
     assert row_b["epoch"] == 2 and row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-5)
     state_a, state_b = (torch.load(d / "last.pt", weights_only=True) for d in (a, b))
@@ -593,6 +597,53 @@ def test_plot_writes_the_diagnostic_figures(tmp_path, no_md5):
         assert Image.open(p).size[0] > 300
     with pytest.raises(SystemExit, match="not a run directory"):
         train.main(["--plot", str(tmp_path / "data")])
+
+
+# -----------------------------------------------------------------------------
+# Data on the device (--gpu-aug; on the CPU here) and the benchmark
+# -----------------------------------------------------------------------------
+
+def written_training_images(dataset, written, samples):
+    """(N, H, W, 3) uint8: the training images as the writers above made them (JPEGs decoded by PIL)."""
+    if dataset == "cifar100":
+        return written["train"][0]
+    if dataset == "stl10":
+        return np.concatenate([written["train"][0], written["unlabeled"][0]])
+    return np.stack([np.asarray(Image.open(path).convert("RGB")) for path, _ in samples])
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "stl10", "tinyimagenet"])
+def test_images_on_the_device_are_the_datasets_images(tmp_path, no_md5, dataset):
+    """--gpu-aug holds the uint8 training images and labels as written to disk; evaluation and k-NN bank
+    batches made on the device equal the per-image evaluation transform's (bicubic resize to 24 px, crop)."""
+    written = WRITERS[dataset](str(tmp_path))
+    flags = [f"--dataset={dataset}", f"--data-dir={tmp_path}", *SMALL, "--image-size=24", "--limit=8", "--knn=2"]
+    loaders, _ = train.build_data(config([*flags, "--gpu-aug"]))
+    cpu_loaders, _ = train.build_data(config([*flags, "--no-gpu-aug"]))
+    images, labels = loaders.train.dataset.tensors
+    base = cpu_loaders.train.dataset.dataset
+    expected = written_training_images(dataset, written, getattr(base, "samples", None))[:8]
+    assert images.dtype == torch.uint8 and torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(expected))
+    assert labels.tolist() == [cpu_loaders.train.dataset[i][1] for i in range(8)]
+    for name in ("eval", "bank"):
+        (x_dev, y_dev), (x_cpu, y_cpu) = next(iter(getattr(loaders, name))), next(iter(getattr(cpu_loaders, name)))
+        assert torch.equal(y_dev, y_cpu) and x_dev.shape == x_cpu.shape == (len(y_cpu), 3, 24, 24)
+        torch.testing.assert_close(x_dev, x_cpu, rtol=0, atol=1e-5)
+
+
+def test_bench_runs_on_the_cpu_and_writes_its_table(tmp_path):
+    out = tmp_path / "bench"
+    result = train.main(["--dataset=cifar10", "--bench", f"--out={out}", "--batch-size=8", "--proj-hidden=32",
+                         "--proj-dim=16", "--workers=0", "--device=cpu", "--image-size=16"])
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved.keys() == result.keys() and saved["step_ms"] == pytest.approx(result["step_ms"])
+    for key in ("per_image_ips", "batched_ips", "aug_speedup", "step_over_floor", "gflop_per_image"):
+        assert saved[key] > 0
+    assert saved["aug_speedup"] == pytest.approx(saved["batched_ips"] / saved["per_image_ips"])
+    parts = saved["step_ms"]
+    assert parts["forward_backward"] == pytest.approx(parts["step"] - parts["C_update_and_eigh"]
+                                                      - parts["optimiser"] - parts["ema"])
+    assert {"cpu float32", "cpu float64"} <= set(saved["eigh_ms"])
 
 
 # -----------------------------------------------------------------------------

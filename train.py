@@ -4,8 +4,9 @@
 
     python train.py --dataset stl10 --loss iso_euc
 
-One file, read top to bottom: config -> data -> model -> loss step -> optimiser and schedules ->
-loop -> evaluation -> checkpointing -> main. The setup follows Appendix D and Table 4 of the paper
+One file, read top to bottom: config -> data (per image, or batched on the device) -> model ->
+distributed (torchrun, opt-in) -> loss step -> optimiser and schedules -> loop -> evaluation ->
+diagnostics -> benchmark -> checkpointing -> main. The setup follows Appendix D and Table 4 of the paper
 and the paper's reference code (solo-learn configs and run script); every departure says so where
 it happens. Which row of the paper is which command (add ``--dataset``):
 
@@ -18,6 +19,7 @@ it happens. Which row of the paper is which command (add ``--dataset``):
 Outputs in --out: config.json, metrics.jsonl (one line per epoch, with the collapse monitors),
 spectrum.jsonl (C's eigenvalues), last.pt (resume with --resume auto). `python train.py --plot RUN_DIR ...`
 draws them. Exit codes: 1 bad data, files or checkpoint; 2 bad command line; 3 a crashed run.
+Several GPUs: torchrun --nproc_per_node=K train.py ... (--batch-size is the global batch).
 """
 import argparse
 import copy
@@ -31,10 +33,11 @@ import time
 import types
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 from torchvision.transforms import v2
@@ -66,6 +69,7 @@ DATASETS = {
 # max-pool, and we follow Table 4 (3x3 kernel, stride 1, then the max-pool).
 STEMS = {"3x3": (3, 1, False), "3x3-maxpool": (3, 1, True), "7x7-maxpool": (7, 2, True)}
 LOSSES = ("euc", "cos", "iso_euc", "iso_cos")
+IN_MEMORY = ("cifar10", "cifar100", "stl10", "tinyimagenet")    # datasets that --gpu-aug holds on the device
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
@@ -116,6 +120,8 @@ def parser():
     a("--epochs", type=int, default=1000, help="(default %(default)s)")
     a("--batch-size", type=int, default=256, help="(default %(default)s)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers (default %(default)s)")
+    a("--gpu-aug", action=argparse.BooleanOptionalAction, help="hold the images on the training device and "
+      f"make both views there, a batch at once (default: on CUDA for {', '.join(IN_MEMORY)})")
     a("--seed", type=int, default=0, help="(default %(default)s)")
     a("--device", default="auto", help="auto (default): cuda if available, else cpu")
     a("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], help="autocast: bf16 (default if given "
@@ -128,6 +134,8 @@ def parser():
     a("--log-every", type=int, default=50, help="steps between progress lines (default %(default)s)")
     a("--out", help="run directory (default runs/<dataset>-<loss>-<time>)")
     a("--resume", help="a last.pt to continue from, or 'auto': <out>/last.pt if it exists")
+    a("--bench", action="store_true", help="time the augmentation pipelines and the training step on "
+      "synthetic images, write bench.json into --out, then exit")
     a("--plot", nargs="+", metavar="RUN_DIR", help="draw the diagnostics of finished or running runs "
       "into the first RUN_DIR (PNG files), then exit")
     return p
@@ -159,6 +167,8 @@ def check_args(p, args):
                 f"the closed-form predictor W_P; use --loss euc or cos with a learned predictor")
     if args.warmup_epochs is not None and args.warmup_epochs > args.epochs:
         p.error("--warmup-epochs must not exceed --epochs")
+    if args.gpu_aug and args.dataset not in IN_MEMORY:
+        p.error(f"--gpu-aug needs images of one size held in memory: --dataset {' or '.join(IN_MEMORY)}")
     if args.download and args.dataset == "folder":
         p.error("--download is not available for --dataset folder (your own data)")
     if args.resume == "auto" and args.out is None:
@@ -201,6 +211,8 @@ def resolve(args):
     if args.stem == "auto":
         args.stem = d["stem"] or ("3x3" if size <= 32 else "3x3-maxpool" if size <= 64 else "7x7-maxpool")
     args.blur = d["blur"] if d["blur"] is not None else size >= 96
+    if args.gpu_aug is None:
+        args.gpu_aug = args.device.startswith("cuda") and args.dataset in IN_MEMORY
     if args.optimizer == "auto":  # App. D: LARS with an EMA target, SGD without
         args.optimizer = "lars" if args.ema > 0 else "sgd"
     if args.lr is None:
@@ -235,9 +247,14 @@ def get_config(argv=None):
 # Data: two asymmetric views per image (App. D, Table 4), un-augmented images for evaluation
 # -----------------------------------------------------------------------------
 
+# The SimCLR augmentation set of App. D (solo-learn's asymmetric BYOL recipe), shared by both pipelines.
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)   # RandomResizedCrop (ratio: torchvision's default)
+JITTER, JITTER_P = (0.4, 0.4, 0.2, 0.1), 0.8            # ColorJitter(brightness, contrast, saturation, hue)
+GRAY_P, FLIP_P, SOLARIZE_THRESHOLD = 0.2, 0.5, 128       # solarisation: PIL's default threshold (uint8)
 # PIL's GaussianBlur(radius=sigma), which the reference code uses, has sigma in pixels, (0.1, 2);
 # a 13-tap kernel covers +-3 sigma at the largest sigma.
-BLUR_KERNEL = 13
+BLUR_KERNEL, BLUR_SIGMA = 13, (0.1, 2.0)
+VIEWS = ((1.0, 0.0), (0.1, 0.2))    # (blur p, solarisation p) of views 1 and 2; blur on blur datasets only
 
 
 class TwoViews:
@@ -251,25 +268,174 @@ class TwoViews:
 
 
 def view_transform(size, mean, std, blur_p, solarize_p):
-    """One view of the SimCLR augmentation set (App. D; solo-learn's asymmetric BYOL recipe)."""
+    """One view, per image (torchvision v2; colour ops on uint8). The CPU pipeline and `folder`'s."""
     ops = [v2.ToImage(),  # PIL -> uint8 tensor (3, H, W); colour ops run on uint8
-           v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                antialias=True),
-           v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-           v2.RandomGrayscale(p=0.2)]
+           v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO,
+                                interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+           v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P),
+           v2.RandomGrayscale(p=GRAY_P)]
     if blur_p > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))], p=blur_p))
+        ops.append(v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=BLUR_SIGMA)], p=blur_p))
     if solarize_p > 0:
-        ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))  # PIL's default threshold
-    ops += [v2.RandomHorizontalFlip(p=0.5), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        ops.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
+    ops += [v2.RandomHorizontalFlip(p=FLIP_P), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
 
 
 def train_transform(cfg):
     """View 1: blur p=1.0 (blur datasets only), no solarisation; view 2: blur p=0.1, solarisation p=0.2."""
-    d, blur = DATASETS[cfg.dataset], cfg.blur
-    views = [(1.0 if blur else 0.0, 0.0), (0.1 if blur else 0.0, 0.2)]   # (blur_p, solarize_p)
-    return TwoViews(*(view_transform(cfg.image_size, d["mean"], d["std"], b, s) for b, s in views))
+    d = DATASETS[cfg.dataset]
+    return TwoViews(*(view_transform(cfg.image_size, d["mean"], d["std"], b if cfg.blur else 0.0, s)
+                      for b, s in VIEWS))
+
+
+# --- The same views for a whole uint8 batch on its device (--gpu-aug) --------------------------------------
+# Every random parameter is drawn per image as a tensor on the batch's device, and every per-image choice is
+# a select or a neutral factor: nothing waits for the device. Departure from view_transform: after the crop
+# the images are float in [0, 1], where torchvision's uint8 ops round or truncate after each colour op
+# (under 1/255 per op). test_gpu_aug.py checks each op against torchvision's and the views' statistics.
+
+CROP_TRIES = 10              # RandomResizedCrop: 10 (area, ratio) draws, the first that fits, else the centre
+CUBIC_A = -0.5               # the cubic kernel of torch's antialiased bicubic resize (PIL's; -0.75 without AA)
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)    # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
+
+
+def sample_view(n, H, W, blur_p, solarize_p, generator, device):
+    """Every random parameter of one view for n images of H x W, as view_transform draws them."""
+    def u(*shape):
+        return torch.rand(shape, generator=generator, device=device)
+    area = H * W * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u(n, CROP_TRIES))     # (n, tries)
+    lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratio = torch.exp(lo + (hi - lo) * u(n, CROP_TRIES))
+    w, h = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first, found = fits.to(torch.uint8).argmax(1, keepdim=True), fits.any(1)
+    fw = W if W / H <= CROP_RATIO[1] else round(H * CROP_RATIO[1])        # fallback: the centre crop of the
+    fh = H if W / H >= CROP_RATIO[0] else round(W / CROP_RATIO[0])        # image clipped to the ratio range
+    w, h = (torch.where(found, t.gather(1, first)[:, 0], float(f)).long() for t, f in ((w, fw), (h, fh)))
+    top, left = (torch.where(found, torch.minimum((v * (S - s + 1)).long(), S - s), (S - s) // 2)
+                 for v, S, s in zip(u(2, n), (H, W), (h, w)))
+    f, c = u(n, 4), u(6, n)
+    factors = torch.stack([1 - s + 2 * s * f[:, i] for i, s in enumerate(JITTER[:3])]
+                          + [JITTER[3] * (2 * f[:, 3] - 1)], 1)           # (n, 4) brightness ... hue
+    return dict(top=top, left=left, height=h, width=w, flip=c[0] < FLIP_P, jitter=c[1] < JITTER_P,
+                factors=factors, order=u(n, 4).argsort(1), gray=c[2] < GRAY_P, blur=c[3] < blur_p,
+                sigma=BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * c[4], solarize=c[5] < solarize_p,
+                blur_p=blur_p)                                    # a Python float: whether to blur at all
+
+
+def crop_matrix(start, length, in_size, out_size, flip=None):
+    """(B, out_size, in_size): along one axis, crop [start, start + length) (B,) and resize it to out_size as
+    interpolate(bicubic, antialias=True, align_corners=False) does: output pixel i sits at c = (i + 0.5) s in
+    the crop (s = length / out_size), its taps are the crop's pixels within 2 max(s, 1) of c, weighted by the
+    cubic kernel at (tap + 0.5 - c) / max(s, 1) and renormalised (no pixel outside the crop is used). Rows of
+    images with flip (B,) are reversed: the horizontal flip, folded in (every later op commutes with it)."""
+    s = length.float() / out_size                                       # (B,)
+    support, scale = 2 * s.clamp(min=1.0), s.clamp(min=1.0)
+    taps = math.ceil(4 * max(in_size / out_size, 1.0))
+    c = s[:, None] * (torch.arange(out_size, device=start.device) + 0.5)                   # (B, out)
+    lo = (c - support[:, None] + 0.5).trunc().clamp(min=0)
+    hi = torch.minimum((c + support[:, None] + 0.5).trunc(), length[:, None].float())
+    k = lo[..., None] + torch.arange(taps, device=start.device)                             # (B, out, taps)
+    x = ((k - c[..., None] + 0.5) / scale[:, None, None]).abs()
+    a = CUBIC_A
+    cubic = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        torch.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+    weight = cubic * (k < hi[..., None])
+    weight = weight / weight.sum(-1, keepdim=True)
+    if flip is not None:
+        weight, k = (torch.where(flip[:, None, None], t.flip(1), t) for t in (weight, k))
+    index = (start[:, None, None] + k.long()).clamp(max=in_size - 1)    # taps of weight 0 may point past it
+    return torch.zeros(len(start), out_size, in_size, device=start.device).scatter_add_(2, index, weight)
+
+
+def separable(x, rows, cols):
+    """rows[b] @ x[b, c] @ cols[b]^T for every image b and channel c: (B, C, H, W) -> (B, C, S, T)."""
+    return rows[:, None] @ x @ cols[:, None].mT
+
+
+def gaussian_blur(x, sigma, active):
+    """GaussianBlur(BLUR_KERNEL, sigma (B,)) of the images x (B, C, H, W) where active (B,), as torchvision:
+    kernel exp(-t^2 / 2 sigma^2) normalised, reflect padding; here separable, one depthwise conv per axis."""
+    B, C, H, W = x.shape
+    t = torch.arange(BLUR_KERNEL, device=x.device) - BLUR_KERNEL // 2                      # (K,)
+    kernel = torch.softmax(-0.5 * (t / sigma[:, None]) ** 2, dim=1)                       # (B, K)
+    kernel = torch.where(active[:, None], kernel, (t == 0).float()).repeat_interleave(C, 0)   # (B C, K)
+    y = F.pad(x.reshape(1, B * C, H, W), [BLUR_KERNEL // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)                               # along rows
+    return F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)          # along columns
+
+
+def luma(x):
+    """torchvision's grey level of x (B, 3, H, W): (B, 1, H, W)."""
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b)[:, None]
+
+
+def adjust_hue(x, f):
+    """torchvision's adjust_hue with a factor per image f (B,) for x in [0, 1]: hue + f in HSV, in closed form:
+    6 h from the largest channel (r before g before b), then channel n (5, 3, 1 for r, g, b) is
+    max - chroma clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6. Grey pixels stay as they are."""
+    r, g, b = x.unbind(1)                                                # (B, H, W)
+    maxc, chroma = x.amax(1), x.amax(1) - x.amin(1)
+    safe = torch.where(chroma > 0, chroma, 1.0)
+    h6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    n = (5.0 - 2 * torch.arange(3, device=x.device))[:, None, None]   # 5, 3, 1 (no host-to-device copy)
+    k = (h6[:, None] + 6 * f[:, None, None, None] + n) % 6
+    return maxc[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def color_jitter(x, factors, order, active):
+    """ColorJitter on the images where active (B,): brightness, contrast, saturation, hue with factors (B, 4),
+    in each image's order (B, 4) (a permutation of 0..3, torchvision's fn_idx). Batched: the hue is applied
+    once, between three blend slots before it and three after; each image fills them with its other three
+    ops in its order, and the slots it does not use get the neutral factor 1. A blend is torchvision's
+    clamp(f x + (1 - f) target, 0, 1) with target 0 (brightness), the mean grey level (contrast) or grey."""
+    hue_at = (order == 3).to(torch.uint8).argmax(1)                                       # (B,)
+    others = order.gather(1, (order == 3).long().sort(dim=1, stable=True).indices)[:, :3]      # (B, 3)
+    for before in (True, False):
+        for slot in range(3):
+            use = active & ((slot < hue_at) if before else (slot >= hue_at))
+            op = others[:, slot, None, None, None]                                       # (B, 1, 1, 1)
+            f = torch.where(use, factors.gather(1, others[:, slot:slot + 1])[:, 0], 1.0)[:, None, None, None]
+            grey = luma(x)
+            target = torch.where(op == 2, grey, torch.where(op == 1, grey.mean((2, 3), keepdim=True), 0.0))
+            x = torch.lerp(target, x, f).clamp_(0, 1)                                     # f x + (1 - f) target
+        if before:
+            x = torch.where(active[:, None, None, None], adjust_hue(x, factors[:, 3]), x)
+    return x
+
+
+def apply_view(x, p, size, mean, std):
+    """One view of uint8 images x (B, 3, H, W) with parameters p (sample_view): float (B, 3, size, size),
+    normalised. Order as view_transform: crop (+ flip), jitter, grey, blur, solarise, normalise."""
+    H, W = x.shape[2:]
+    x = separable(x.float() / 255, crop_matrix(p["top"], p["height"], H, size),
+                  crop_matrix(p["left"], p["width"], W, size, p["flip"])).clamp(0, 1)
+    x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+    x = torch.where(p["gray"][:, None, None, None], luma(x), x)
+    if p["blur_p"] > 0:
+        x = gaussian_blur(x, p["sigma"], p["blur"])
+    x = torch.where(p["solarize"][:, None, None, None] & (x >= SOLARIZE_THRESHOLD / 255), 1 - x, x)
+    for c in range(3):                          # x is this function's own tensor: normalised in place
+        x[:, c].sub_(mean[c]).div_(std[c])
+    return x
+
+
+CPU_CHUNK = 32      # images per pass on a CPU: their tensors stay in cache (1.4x faster at 96 px, measured)
+
+
+def batch_two_views(x, size, mean, std, blur, generator=None):
+    """train_transform's two views of a uint8 batch x (B, 3, H, W), on x's device: (v1, v2), float32
+    (B, 3, size, size) each; parameters per image from `generator` (a torch.Generator on x's device)."""
+    n = CPU_CHUNK if x.device.type == "cpu" else len(x)
+    views = []
+    for blur_p, solarize_p in VIEWS:
+        p = sample_view(len(x), *x.shape[2:], blur_p if blur else 0.0, solarize_p, generator, x.device)
+        views.append(torch.cat([apply_view(x[i:i + n], {k: v[i:i + n] if torch.is_tensor(v) else v
+                                                        for k, v in p.items()}, size, mean, std)
+                                for i in range(0, len(x), n)]))
+    return tuple(views)
 
 
 def eval_transform(cfg):
@@ -390,25 +556,71 @@ def knn_bank(train, eval_tf):
     return torch.utils.data.Subset(bank, keep)
 
 
+def as_tensors(ds, cfg):
+    """A dataset's images as one uint8 tensor (N, 3, H, W) and its labels (N,), on cfg.device (--gpu-aug).
+    CIFAR and STL-10 hold them in memory already; Tiny ImageNet's JPEGs are decoded once, by the workers."""
+    base, idx = (ds.dataset, ds.indices) if isinstance(ds, torch.utils.data.Subset) else (ds, None)
+    if isinstance(base, datasets.CIFAR10):                         # CIFAR-100 too (a subclass)
+        x, y = torch.from_numpy(base.data).permute(0, 3, 1, 2), torch.tensor(base.targets)
+    elif isinstance(base, datasets.STL10):
+        x, y = torch.from_numpy(base.data), torch.from_numpy(base.labels).long()
+    else:                                                           # ImageFolder / ImageList of equal sizes
+        reader = copy.copy(base)
+        reader.transform = v2.PILToTensor()
+        x, y = map(torch.cat, zip(*batches(torch.utils.data.DataLoader(reader, 256, num_workers=cfg.workers))))
+    if idx is not None:
+        x, y = x[list(idx)], y[list(idx)]
+    return x.contiguous().to(cfg.device), y.to(cfg.device)
+
+
+class DeviceLoader:
+    """What train.py uses of a DataLoader (len, iteration, .dataset, .sampler, .generator), over uint8 images
+    held on the training device (--gpu-aug): each batch is gathered by index and made into views (or
+    evaluation images) there, by `transform(x, generator)`, with every random parameter drawn per image."""
+
+    def __init__(self, images, labels, batch_size, transform, sampler=None, drop_last=False):
+        self.dataset = torch.utils.data.TensorDataset(images, labels)
+        self.batch_size, self.transform, self.sampler, self.drop_last = batch_size, transform, sampler, drop_last
+        self.generator = torch.Generator(images.device)
+
+    def __len__(self):
+        n = len(self.sampler) if self.sampler is not None else len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        images, labels = self.dataset.tensors
+        order = torch.tensor(list(self.sampler) if self.sampler is not None else range(len(labels)))
+        for idx in order.to(images.device)[:len(self) * self.batch_size].split(self.batch_size):
+            yield self.transform(images[idx], self.generator), labels[idx]
+
+
 def build_data(cfg):
-    """The one place that builds the data pipeline: datasets, transforms, loaders (train, eval, k-NN bank)."""
+    """The one place that builds the data pipeline: datasets, transforms, loaders (train, eval, k-NN bank).
+    Every epoch's order comes from (seed, epoch) alone (train_epoch), so a resumed run repeats it; under
+    torchrun each process takes its share of it (a DistributedSampler, also for one process)."""
     eval_tf = eval_transform(cfg)
     train, val, num_classes = load_datasets(cfg, train_transform(cfg), eval_tf)
     if cfg.limit:
         train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
     if len(train) < cfg.batch_size:
         fail(f"{len(train)} training images are fewer than one batch (--batch-size {cfg.batch_size})")
-    kw = dict(batch_size=cfg.batch_size // cfg.world_size, num_workers=cfg.workers,
-              pin_memory=cfg.device.startswith("cuda"))
-    # The generator is re-seeded every epoch (train_epoch): shuffling and worker seeds do not depend on
-    # where a run was resumed. Under torchrun each process takes its share of every epoch's permutation.
-    sampler = (torch.utils.data.DistributedSampler(train, cfg.world_size, cfg.rank, seed=cfg.seed, drop_last=True)
-               if cfg.world_size > 1 else None)
+    batch = cfg.batch_size // cfg.world_size
+    sampler = torch.utils.data.DistributedSampler(range(len(train)), cfg.world_size, cfg.rank, seed=cfg.seed,
+                                                  drop_last=True)
+    bank = knn_bank(train, eval_tf) if cfg.knn else None
+    if cfg.gpu_aug:
+        d = DATASETS[cfg.dataset]
+        views = lambda x, g: batch_two_views(x, cfg.image_size, d["mean"], d["std"], cfg.blur, g)   # noqa: E731
+        plain = lambda x, g: eval_tf(x).as_subclass(torch.Tensor)                                  # noqa: E731
+        loaders = types.SimpleNamespace(train=DeviceLoader(*as_tensors(train, cfg), batch, views, sampler, True),
+                                        eval=DeviceLoader(*as_tensors(val, cfg), batch, plain),
+                                        bank=DeviceLoader(*as_tensors(bank, cfg), batch, plain) if bank else None)
+        return loaders, num_classes
+    kw = dict(batch_size=batch, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
     loaders = types.SimpleNamespace(
-        train=torch.utils.data.DataLoader(train, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                                          generator=torch.Generator(), **kw),
+        train=torch.utils.data.DataLoader(train, sampler=sampler, drop_last=True, generator=torch.Generator(), **kw),
         eval=torch.utils.data.DataLoader(val, shuffle=False, **kw),
-        bank=torch.utils.data.DataLoader(knn_bank(train, eval_tf), shuffle=False, **kw) if cfg.knn else None)
+        bank=torch.utils.data.DataLoader(bank, shuffle=False, **kw) if bank else None)
     return loaders, num_classes
 
 
@@ -631,6 +843,11 @@ def target_outputs(target, x1, x2, z1, z2):
     return target(x1)[1], target(x2)[1]
 
 
+def layout(cfg):
+    """Memory layout of images and conv weights: channels_last on CUDA (what cuDNN's fastest kernels use)."""
+    return torch.channels_last if cfg.device.startswith("cuda") else torch.contiguous_format
+
+
 def autocast(cfg):
     """--amp bf16 (or fp16, CUDA only); otherwise a no-op. isoloss.py computes C, W_P, losses in float32."""
     dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
@@ -803,13 +1020,13 @@ def train_epoch(run, loaders, cfg):
     if run.target is not None:
         run.target.train()                          # BYOL's target uses batch statistics
     loader = loaders.train
-    loader.generator.manual_seed((cfg.seed + run.epoch) * cfg.world_size + cfg.rank)   # seed + epoch alone
-    if cfg.world_size > 1:
-        loader.sampler.set_epoch(run.epoch)
+    loader.sampler.set_epoch(run.epoch)                                                  # the order: seed + epoch
+    loader.generator.manual_seed((cfg.seed + run.epoch) * cfg.world_size + cfg.rank)   # augmentations: + rank
     device, t0 = torch.device(cfg.device), time.time()
     sums = torch.zeros(3, device=device)            # (ssl loss, probe loss, z_std), summed over steps
     for i, ((x1, x2), y) in enumerate(batches(loader), 1):
-        x1, x2, y = (t.to(device, non_blocking=True) for t in (x1, x2, y))
+        x1, x2 = (x.to(device, non_blocking=True, memory_format=layout(cfg)) for x in (x1, x2))
+        y = y.to(device, non_blocking=True)
         lr = set_lr(run.opt, run.step, cfg)
         try:
             sums += train_step(run, x1, x2, y, cfg, ema_at(run.step, cfg))
@@ -999,6 +1216,98 @@ def plot(dirs):
 
 
 # -----------------------------------------------------------------------------
+# Benchmark (--bench): augmentation pipelines, the step's parts, the step against its floor
+# -----------------------------------------------------------------------------
+
+def timed(fn, cfg, repeats=5):
+    """Median seconds of fn() over `repeats` calls after one warm-up call, waiting for the device."""
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+class Synthetic(torch.utils.data.Dataset):
+    """uint8 images (N, 3, H, W) with a per-image transform: the CPU pipeline without files."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), 0
+
+
+def bench(cfg, repeats=5):
+    """Images/s of the per-image pipeline (DataLoader, --workers) and of the batched one on cfg.device, the
+    split of one training step, and the step against its floor (FLOPs counted in the step / the matrix
+    throughput measured here), on synthetic uint8 images of the dataset's size. Writes bench.json."""
+    torch.manual_seed(cfg.seed)
+    d, B = DATASETS[cfg.dataset], cfg.batch_size
+    images = torch.randint(0, 256, (2 * B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    per_image = torch.utils.data.DataLoader(Synthetic(images, train_transform(cfg)), B, num_workers=cfg.workers,
+                                            drop_last=True, persistent_workers=cfg.workers > 0)
+    out = dict(device=str(cfg.device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"), batch_size=B,
+               image_size=cfg.image_size, dataset=cfg.dataset, workers=cfg.workers, amp=cfg.amp)
+    out["per_image_ips"] = 2 * B / timed(lambda: [b for b in per_image], cfg, repeats)
+    x = images[:B].to(cfg.device)
+    g = torch.Generator(cfg.device)
+    views = lambda: batch_two_views(x, cfg.image_size, d["mean"], d["std"], cfg.blur, g)   # noqa: E731
+    out["batched_ips"] = B / timed(views, cfg, repeats)
+    out["aug_speedup"] = out["batched_ips"] / out["per_image_ips"]
+
+    schedule(cfg, 1000)
+    model, target = build_model(cfg, 10)
+    run = types.SimpleNamespace(model=model.to(cfg.device, memory_format=layout(cfg)), ddp=model,
+                                target=target.to(cfg.device, memory_format=layout(cfg)) if target else None,
+                                opt=build_optimizer(model, cfg), step=0, bad=torch.zeros(2, dtype=torch.long,
+                                                                                          device=cfg.device),
+                                scaler=torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp == "fp16"))
+    x1, x2 = (v.contiguous(memory_format=layout(cfg)) for v in views())
+    y = torch.zeros(B, dtype=torch.long, device=cfg.device)
+    step = lambda: train_step(run, x1, x2, y, cfg, 0.99)                                 # noqa: E731
+    z = torch.randn(B, cfg.proj_dim, device=cfg.device)
+    with FlopCounterMode(display=False) as flops:
+        step()
+    ms = dict(data=timed(views, cfg, repeats), step=timed(step, cfg, repeats),
+              C_update_and_eigh=timed(lambda: (model.C_keeper.update(z, z), model.C_keeper()), cfg, repeats),
+              optimiser=timed(run.opt.step, cfg, repeats),
+              ema=timed(lambda: update_target(target, model.encoder, 0.99), cfg, repeats) if target else 0.0)
+    ms["forward_backward"] = ms["step"] - ms["C_update_and_eigh"] - ms["optimiser"] - ms["ema"]
+    out["step_ms"] = {k: 1000 * v for k, v in ms.items()}
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16 if cfg.amp == "fp16" else torch.float32
+    n = 8192 if cfg.device.startswith("cuda") else 1024       # a large product: the device's matrix throughput
+    a = torch.randn(n, n, device=cfg.device, dtype=dtype)
+    out["peak_tflops"] = 2 * n ** 3 / timed(lambda: a @ a, cfg, repeats) / 1e12
+    out["gflop_per_image"] = flops.get_total_flops() / B / 1e9
+    out["step_over_floor"] = ms["step"] / (flops.get_total_flops() / (out["peak_tflops"] * 1e12))
+    C = (lambda u: u.T @ u / B)(torch.randn(B, cfg.proj_dim, dtype=torch.float64) * torch.logspace(0, -3, cfg.proj_dim))
+    out["eigh_ms"] = {f"{dev} {dt}": 1000 * timed(lambda: torch.linalg.eigh(C.to(dev, getattr(torch, dt))), cfg,
+                                                  repeats)
+                      for dev in ("cpu", *(["cuda"] if torch.cuda.is_available() else [])) for dt in ("float32", "float64")}
+    print(f"{cfg.dataset} {cfg.image_size} px, batch {B}, {cfg.device}, torch {torch.__version__}, amp {cfg.amp}")
+    print(f"augmentation, both views: per image ({cfg.workers} workers) {out['per_image_ips']:8.0f} img/s, "
+          f"batched on {cfg.device} {out['batched_ips']:8.0f} img/s: {out['aug_speedup']:.1f}x")
+    print("step (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["step_ms"].items())
+          + f"; {B / ms['step']:.0f} img/s")
+    print(f"floor: {out['gflop_per_image']:.2f} GFLOP per image at the {out['peak_tflops']:.3g} TFLOP/s measured "
+          f"here: the step takes {out['step_over_floor']:.1f}x its floor")
+    print("eigh of C (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in out["eigh_ms"].items()))
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "bench.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Checkpointing
 # -----------------------------------------------------------------------------
 
@@ -1098,10 +1407,9 @@ def setup(cfg):
     model, target = build_model(cfg, num_classes)
     if cfg.world_size > 1:                          # same model everywhere, its own augmentations per process
         torch.manual_seed(cfg.seed + 1 + cfg.rank)
-    layout = torch.channels_last if cfg.device.startswith("cuda") else torch.contiguous_format  # cuDNN's best
     for m in (model, target):
         if m is not None:
-            m.to(cfg.device, memory_format=layout)
+            m.to(cfg.device, memory_format=layout(cfg))
     ddp = model if cfg.world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None)
     device = torch.device(cfg.device).type          # loss scaling for fp16 only (CUDA), not bf16
@@ -1172,6 +1480,8 @@ def main(argv=None):
     cfg = get_config(argv)
     if cfg.plot:
         return plot(cfg.plot)
+    if cfg.bench:
+        return bench(cfg)
     init_distributed(cfg)
     path = resume_path(cfg)
     if path is None and os.path.exists(os.path.join(cfg.out, "last.pt")):
