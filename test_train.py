@@ -678,7 +678,7 @@ def ddp_worker(rank, world, port, data, out):
     cfg = train.get_config([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/unused"])
     train.init_distributed(cfg)
     torch.save(steps_on_fixed_tensors(cfg, rank, world), f"{out}/rank{rank}.pt")
-    train.main([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/run", "--epochs=1"])       # the whole loop,
+    train.main([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/run", "--epochs=1", "--gpu-aug"])  # the loop,
     train.main([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/run", "--epochs=2", "--resume=auto"])  # resumed
     torch.distributed.destroy_process_group()
 
@@ -686,7 +686,7 @@ def ddp_worker(rank, world, port, data, out):
 def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, no_md5):
     """torchrun's setting on 2 CPU processes (gloo): DDP, synchronised BatchNorm, C averaged over the
     processes. Both hold the same parameters and C, equal to one process's after the same steps on the
-    whole batch; the loop runs, rank 0 alone writes, and --resume continues."""
+    whole batch; the loop runs (with either data pipeline), rank 0 alone writes, and --resume continues."""
     import socket
     import torch.multiprocessing as mp
     write_cifar(str(tmp_path / "data"), per_batch=4)
@@ -844,7 +844,7 @@ BAD_INPUTS = [  # (name, argv or a function(root) -> argv that prepares the file
     ("--warmup-epochs > --epochs", ["--epochs=2", "--warmup-epochs=3"], 2, "must not exceed --epochs"),
     ("--knn 0", ["--knn=0"], 2, "--knn must be >= 1"),
     ("--download with folder", ["--dataset=folder", "--download"], 2, "--download is not available"),
-    ("--device cuda:7", ["--device=cuda:7"], 2, "--device cuda:7"),
+    ("--device cuda:99", ["--device=cuda:99"], 2, "--device cuda:99"),
 ]
 
 

@@ -360,7 +360,8 @@ def gaussian_blur(x, sigma, active):
     B, C, H, W = x.shape
     t = torch.arange(BLUR_KERNEL, device=x.device) - BLUR_KERNEL // 2                      # (K,)
     kernel = torch.softmax(-0.5 * (t / sigma[:, None]) ** 2, dim=1)                       # (B, K)
-    kernel = torch.where(active[:, None], kernel, (t == 0).float()).repeat_interleave(C, 0)   # (B C, K)
+    kernel = torch.where(active[:, None], kernel, (t == 0).float())
+    kernel = kernel[:, None].expand(B, C, BLUR_KERNEL).reshape(B * C, BLUR_KERNEL)           # (B C, K)
     y = F.pad(x.reshape(1, B * C, H, W), [BLUR_KERNEL // 2] * 4, mode="reflect")
     y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)                               # along rows
     return F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)          # along columns
@@ -1173,7 +1174,7 @@ def plot(dirs):
 
     with_spectrum = [r for r in runs if r[3]]
     if with_spectrum:
-        fig, axes = plt.subplots(1, len(with_spectrum), figsize=(4.5 * len(with_spectrum), 3.6), squeeze=False,
+        fig, axes = plt.subplots(1, len(with_spectrum), figsize=(4.5 * len(with_spectrum), 3.6), squeeze=False, sharey=True,
                                  constrained_layout=True)
         for ax, (name, c, _, spec) in zip(axes[0], with_spectrum):
             t = [r["step"] / c["steps_per_epoch"] for r in spec]
@@ -1252,17 +1253,22 @@ def bench(cfg, repeats=5):
     throughput measured here), on synthetic uint8 images of the dataset's size. Writes bench.json."""
     torch.manual_seed(cfg.seed)
     d, B = DATASETS[cfg.dataset], cfg.batch_size
-    images = torch.randint(0, 256, (2 * B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    per_image = torch.utils.data.DataLoader(Synthetic(images, train_transform(cfg)), B, num_workers=cfg.workers,
-                                            drop_last=True, persistent_workers=cfg.workers > 0)
+    images = torch.randint(0, 256, (4 * B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    # On a CPU both pipelines run on one core (one thread, no workers): a fair ratio, and no oversubscribed
+    # threads on a busy machine, where the batched ops slow down many times. On CUDA: --workers workers.
+    cpu, threads = not cfg.device.startswith("cuda"), torch.get_num_threads()
+    torch.set_num_threads(1 if cpu else threads)
+    workers = 0 if cpu else cfg.workers
+    per_image = torch.utils.data.DataLoader(Synthetic(images, train_transform(cfg)), B, num_workers=workers)
     out = dict(device=str(cfg.device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"), batch_size=B,
-               image_size=cfg.image_size, dataset=cfg.dataset, workers=cfg.workers, amp=cfg.amp)
-    out["per_image_ips"] = 2 * B / timed(lambda: [b for b in per_image], cfg, repeats)
+               image_size=cfg.image_size, dataset=cfg.dataset, workers=workers, amp=cfg.amp)
+    out["per_image_ips"] = len(images) / timed(lambda: [b for b in per_image], cfg, 3)
     x = images[:B].to(cfg.device)
     g = torch.Generator(cfg.device)
     views = lambda: batch_two_views(x, cfg.image_size, d["mean"], d["std"], cfg.blur, g)   # noqa: E731
     out["batched_ips"] = B / timed(views, cfg, repeats)
     out["aug_speedup"] = out["batched_ips"] / out["per_image_ips"]
+    torch.set_num_threads(threads)
 
     schedule(cfg, 1000)
     model, target = build_model(cfg, 10)
@@ -1294,7 +1300,7 @@ def bench(cfg, repeats=5):
                                                   repeats)
                       for dev in ("cpu", *(["cuda"] if torch.cuda.is_available() else [])) for dt in ("float32", "float64")}
     print(f"{cfg.dataset} {cfg.image_size} px, batch {B}, {cfg.device}, torch {torch.__version__}, amp {cfg.amp}")
-    print(f"augmentation, both views: per image ({cfg.workers} workers) {out['per_image_ips']:8.0f} img/s, "
+    print(f"augmentation, both views: per image ({workers} workers) {out['per_image_ips']:8.0f} img/s, "
           f"batched on {cfg.device} {out['batched_ips']:8.0f} img/s: {out['aug_speedup']:.1f}x")
     print("step (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["step_ms"].items())
           + f"; {B / ms['step']:.0f} img/s")
