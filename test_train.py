@@ -829,8 +829,8 @@ BAD_INPUTS = [  # (name, argv or a function(root) -> argv that prepares the file
     ("--workers -1", ["--workers=-1"], 2, "--workers must be >= 0"),
     ("--proj-dim 0", ["--proj-dim=0"], 2, "--proj-dim must be >= 1"),
     ("--device tpu9", ["--device=tpu9"], 2, "--device tpu9"),
-    ("--resume garbage", garbage_checkpoint, 1, "not a readable train.py checkpoint"),
-    ("--resume truncated", truncated_checkpoint, 1, "not a readable train.py checkpoint"),
+    ("--resume garbage", garbage_checkpoint, 1, "not a train.py checkpoint, or a truncated one"),
+    ("--resume truncated", truncated_checkpoint, 1, "not a train.py checkpoint, or a truncated one"),
     ("--out is a file", out_is_a_file, 2, "is a file, not a directory"),
     ("--lr nan", ["--lr=nan"], 2, "--lr must be > 0"),
     # and those handled before

@@ -1248,9 +1248,10 @@ class Synthetic(torch.utils.data.Dataset):
 
 
 def bench(cfg, repeats=5):
-    """Images/s of the per-image pipeline (DataLoader, --workers) and of the batched one on cfg.device, the
-    split of one training step, and the step against its floor (FLOPs counted in the step / the matrix
-    throughput measured here), on synthetic uint8 images of the dataset's size. Writes bench.json."""
+    """Images/s of the per-image pipeline and of the batched one on cfg.device, the split of one training
+    step, the step against its floor (FLOPs counted in the step / the matrix throughput measured here), and
+    C's eigendecomposition on each device and precision; on synthetic uint8 images of the dataset's size.
+    Prints a table and writes bench.json into --out."""
     torch.manual_seed(cfg.seed)
     d, B = DATASETS[cfg.dataset], cfg.batch_size
     images = torch.randint(0, 256, (4 * B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
@@ -1271,12 +1272,8 @@ def bench(cfg, repeats=5):
     torch.set_num_threads(threads)
 
     schedule(cfg, 1000)
-    model, target = build_model(cfg, 10)
-    run = types.SimpleNamespace(model=model.to(cfg.device, memory_format=layout(cfg)), ddp=model,
-                                target=target.to(cfg.device, memory_format=layout(cfg)) if target else None,
-                                opt=build_optimizer(model, cfg), step=0, bad=torch.zeros(2, dtype=torch.long,
-                                                                                          device=cfg.device),
-                                scaler=torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp == "fp16"))
+    run = build_run(cfg, 10)
+    model, target = run.model, run.target
     x1, x2 = (v.contiguous(memory_format=layout(cfg)) for v in views())
     y = torch.zeros(B, dtype=torch.long, device=cfg.device)
     step = lambda: train_step(run, x1, x2, y, cfg, 0.99)                                 # noqa: E731
@@ -1295,7 +1292,8 @@ def bench(cfg, repeats=5):
     out["peak_tflops"] = 2 * n ** 3 / timed(lambda: a @ a, cfg, repeats) / 1e12
     out["gflop_per_image"] = flops.get_total_flops() / B / 1e9
     out["step_over_floor"] = ms["step"] / (flops.get_total_flops() / (out["peak_tflops"] * 1e12))
-    C = (lambda u: u.T @ u / B)(torch.randn(B, cfg.proj_dim, dtype=torch.float64) * torch.logspace(0, -3, cfg.proj_dim))
+    u = torch.randn(B, cfg.proj_dim, dtype=torch.float64) * torch.logspace(0, -3, cfg.proj_dim)   # a spread spectrum
+    C = u.T @ u / B
     out["eigh_ms"] = {f"{dev} {dt}": 1000 * timed(lambda: torch.linalg.eigh(C.to(dev, getattr(torch, dt))), cfg,
                                                   repeats)
                       for dev in ("cpu", *(["cuda"] if torch.cuda.is_available() else [])) for dt in ("float32", "float64")}
@@ -1342,7 +1340,7 @@ def load_checkpoint(path, run, cfg):
                    if k not in ("resume", "out") and vars(cfg).get(k) != v]
         settings = [{k: v for k, v in g.items() if k != "params"} for g in run.opt.param_groups]
     except Exception as e:                          # garbage, a truncated file, another program's checkpoint
-        fail(f"--resume {path}: not a readable train.py checkpoint ({last_line(e)})")
+        fail(f"--resume {path}: not a train.py checkpoint, or a truncated one ({type(e).__name__})")
     try:
         run.model.load_state_dict(state["model"])
         if run.target is not None:  # a no-EMA checkpoint has no target: start it from the online encoder
@@ -1404,25 +1402,30 @@ def schedule(cfg, steps_per_epoch):
         cfg.warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
 
 
-def setup(cfg):
-    """Seed, data, model, optimiser, schedule lengths; returns (run, loaders)."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    loaders, num_classes = build_data(cfg)
-    schedule(cfg, len(loaders.train))
+def build_run(cfg, num_classes):
+    """The training state on cfg.device: model (in DDP under torchrun), target, optimiser, AMP scaler, the
+    schedule position and the non-finite watch (`watch`)."""
     model, target = build_model(cfg, num_classes)
-    if cfg.world_size > 1:                          # same model everywhere, its own augmentations per process
-        torch.manual_seed(cfg.seed + 1 + cfg.rank)
     for m in (model, target):
         if m is not None:
             m.to(cfg.device, memory_format=layout(cfg))
     ddp = model if cfg.world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None)
-    device = torch.device(cfg.device).type          # loss scaling for fp16 only (CUDA), not bf16
-    scaler = torch.amp.GradScaler(device, enabled=cfg.amp == "fp16")
-    run = types.SimpleNamespace(model=model, ddp=ddp, target=target, opt=build_optimizer(model, cfg),
-                                scaler=scaler, epoch=0, step=0, bad=torch.zeros(2, dtype=torch.long, device=cfg.device),
-                                t0=time.time(), step0=0)
+    scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp == "fp16")   # fp16 only
+    return types.SimpleNamespace(model=model, ddp=ddp, target=target, opt=build_optimizer(model, cfg),
+                                 scaler=scaler, epoch=0, step=0, t0=time.time(), step0=0,
+                                 bad=torch.zeros(2, dtype=torch.long, device=cfg.device))
+
+
+def setup(cfg):
+    """Seed, data, schedule lengths, training state; returns (run, loaders)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    loaders, num_classes = build_data(cfg)
+    schedule(cfg, len(loaders.train))
+    run = build_run(cfg, num_classes)
+    if cfg.world_size > 1:                          # same model everywhere, its own augmentations per process
+        torch.manual_seed(cfg.seed + 1 + cfg.rank)
     return run, loaders
 
 
