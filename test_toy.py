@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import isoloss
 import toy
 
 SIGMA, ALPHA = toy.DEFAULTS["sigma"], toy.DEFAULTS["alpha"]
@@ -30,8 +31,8 @@ def euclidean():
 
 @pytest.fixture(scope="module")
 def cosine():
-    """The three cosine rows with a predictor, 600 steps on 4,000 fresh samples per step."""
-    return train("cos", "cos_nosg", "iso_cos", steps=600)
+    """The two cosine rows with a stop-grad and a predictor, 600 steps on 4,000 fresh samples per step."""
+    return train("cos", "iso_cos", steps=600)
 
 
 # ---------------------------------------------------------------- Table 1, Euclidean rows
@@ -94,11 +95,24 @@ def test_cos_eigenvalues_approach_a_common_value(cosine):
     assert top.max() / top.min() < 1.1
 
 
-def test_cos_without_stop_grad_the_largest_diverges(cosine):
-    s = cosine["cos_nosg"]
-    largest = s[:, -1]
-    assert (largest[1:] >= largest[:-1] * (1 - 1e-3)).all() and largest[-1] > 1.3 * largest[0]
-    assert spread(s[-1]) > 100 * spread(s[0])                      # no equalisation: runaway
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_cos_without_stop_grad_collapses_under_the_gradient_and_diverges_under_the_papers_rule(seed):
+    """Table 1's row "all lambda diverge" holds for the paper's hand-written rule, not for the
+    gradient of the loss. From W0 = randn(10, 15) / 4 after manual_seed(seed), lr 0.1, 900 steps on
+    1,000 samples: the exact gradient drives all but at most three eigenvalues below 1e-6
+    (dimensional collapse) and the total, trace W W^T, plateaus; the paper's rule keeps every
+    eigenvalue above 1e-3 while the top four keep growing. (The full run: two survivors, at 3.9 and 4.0.)"""
+    torch.manual_seed(seed)
+    W0 = torch.randn(10, 15) / 4
+    runs = [toy.Run("cos_nosg", W0, toy.LR["cos_nosg"], updates=u) for u in toy.UPDATES]
+    toy.simulate(runs, 900, 1_000, seed, points=900)
+    exact, paper = (torch.tensor(r.out["eigenvalues"], dtype=torch.float64) for r in runs)
+    alive = (exact[-1] > 1e-6).sum()
+    assert 1 <= alive <= 3 and (exact[0] > 1e-3).all()
+    total = exact.sum(1)                                           # trace W W^T
+    assert (total[-1] / total[600] - 1).abs() < 0.1 and exact[-1].max() < 10
+    assert (paper[-1] > 1e-3).all()
+    assert (paper[-1, -4:] > 1.3 * paper[600, -4:]).all() and (paper[1:, -1] > paper[:-1, -1]).all()
 
 
 def test_cos_without_predictor_conserves_the_sum():
@@ -113,6 +127,206 @@ def test_iso_cos_equalises_faster_than_cos(cosine):
     for t in (100, 300, 600):
         assert spread(iso[t]) < spread(cos[t]) / 2
     assert spread(iso[-1]) < 1.2
+
+
+# ---------------------------------------------------------------- The paper's update rules (--updates paper)
+
+def written_out(setting, mode, W, x1, x2, relu, W_P):
+    """Delta W / eta of one step, one sample at a time in float64, as written in the issue (paper)
+    or as the analytic gradient of the loss (exact; a zero z1, p or z2 contributes nothing, as in
+    isoloss). Returns the batch mean, (M, N), before any nan_to_num."""
+    W, x1, x2, W_P = W.double(), x1.double(), x2.double(), None if W_P is None else W_P.double()
+    phi = (lambda a: a.clamp(min=0)) if relu else (lambda a: a)
+    dphi = (lambda a: (a > 0).double()) if relu else (lambda a: torch.ones_like(a))
+    eps = 1e-8
+    total = torch.zeros_like(W)
+    for a, b in zip(x1, x2):                                       # one sample: a = x1, b = x2, (N,)
+        z1, z2, d1, d2 = phi(W @ a), phi(W @ b), dphi(W @ a), dphi(W @ b)
+        p = z1 if W_P is None else W_P @ z1
+        if mode == "paper":
+            e = (p - z2) * d1
+            np_, n2 = p.norm() + eps, z2.norm() + eps
+            step = {
+                "euc": lambda: -torch.outer(W_P.T @ e, a),
+                "euc_nosg": lambda: -(-torch.outer(e, b) + torch.outer(W_P.T @ e, a)),
+                "euc_nopred": lambda: -torch.outer(z1 - z2, a),
+                "iso_euc": lambda: -torch.outer(e, a),
+                "cos": lambda: torch.outer((W_P @ z2 / (np_ * n2) - (p @ z2) * (W_P @ p) / (np_ ** 3 * n2)) * d1, a),
+                "iso_cos": lambda: torch.outer((z2 / (np_ * n2) - (p @ z2) * p / (np_ ** 3 * n2)) * d1, a),
+                "cos_nosg": lambda: torch.outer((W_P @ (z1 + z2) / (np_ * n2)
+                                                 - (p @ z2) * (W_P @ p + z2) / (np_ ** 3 * n2)) * d1, a),
+                "cos_nopred": lambda: torch.outer((z2 / (z1.norm() * z2.norm())
+                                                   - (z1 @ z2) * z1 / (z1.norm() ** 3 * z2.norm())) * d1, a),
+            }[setting]()
+        elif setting.startswith("euc") or setting == "iso_euc":     # L = 1/2 |p - z2|^2
+            J = torch.eye(len(p), dtype=W.dtype) if setting in ("euc_nopred", "iso_euc") else W_P
+            step = -torch.outer(J.T @ (p - z2) * d1, a)             # IsoLoss: dL/dz1 = p - z2 (Eq. 15)
+            if setting == "euc_nosg":
+                step += torch.outer((p - z2) * d2, b)
+        else:                                                       # L = -cos(p, z2)
+            if p.norm() == 0 or z2.norm() == 0:
+                continue
+            dp = -z2 / (p.norm() * z2.norm()) + (p @ z2) * p / (p.norm() ** 3 * z2.norm())
+            J = W_P if setting in ("cos", "cos_nosg") else torch.eye(len(p), dtype=W.dtype)
+            step = -torch.outer(J.T @ dp * d1, a)                   # iso_cos: dL/dz1 = dL/dp (Eq. 17)
+            if setting == "cos_nosg":
+                dz2 = -p / (p.norm() * z2.norm()) + (p @ z2) * z2 / (p.norm() * z2.norm() ** 3)
+                step -= torch.outer(dz2 * d2, b)
+        total += step
+    return total / len(x1)
+
+
+def views_with(M, N, n, need_zero):
+    """Seed and views (float32, toy's sampling: x2 = x1 + sigma eps) of n samples under the paper's
+    W0 (M, N); need_zero: the first seed whose batch has a sample with ReLU(W x1) = 0 and one
+    with ReLU(W x2) = 0 != ReLU(W x1) (the cosine rules' degenerate cases), else none of either."""
+    W0 = toy.initial_weights(toy.DEFAULTS, M, N)
+    for seed in range(10_000):
+        g = torch.Generator().manual_seed(seed)
+        x1 = torch.randn(n, N, generator=g)
+        x2 = x1 + SIGMA * torch.randn(n, N, generator=g)
+        zero1, zero2 = (x1 @ W0.T <= 0).all(1), (x2 @ W0.T <= 0).all(1)
+        both = zero1.any().item() and (zero2 & ~zero1).any().item()
+        if (both if need_zero else not (zero1 | zero2).any().item()):
+            return W0, seed, x1, x2
+
+
+def weights_after(run):
+    """W after the recorded steps, read from the embeddings of [I; -I] (run.fixed): W^T = phi(I W^T) - phi(-I W^T)
+    for the ReLU, (I W^T - (-I W^T)) / 2 without."""
+    last = torch.tensor(run.out["trajectory"][-1], dtype=torch.float64)   # (2N, M)
+    N = last.shape[0] // 2
+    return (last[:N] - last[N:]).T / (1 if run.relu else 2)
+
+
+@pytest.mark.parametrize("degenerate", [False, True], ids=["M10", "M2-zero-outputs"])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("mode", toy.UPDATES)
+def test_one_step_of_each_mode_is_its_formula_written_out(mode, relu, degenerate):
+    """One simulate step of every row, each mode, on a few samples: W1 = W0 + nan_to_num(lr Delta W)
+    with Delta W written out sample by sample (the issue's rules; the loss's analytic gradient).
+    The M=2 batch holds samples with an all-zero ReLU output: the paper's guarded cosine rules
+    then make 1e8-scale updates, its unguarded no-predictor rule a non-finite one (the step is skipped)."""
+    M, N, n, lr = (2, 6, 8, 0.5) if degenerate else (10, 15, 6, 0.5)
+    W0, seed, x1, x2 = views_with(M, N, n, degenerate)
+    fixed = torch.cat([torch.eye(N), -torch.eye(N)])
+    runs = [toy.Run(s, W0, lr, relu=relu, exact_moments=False, fixed=fixed, updates=mode) for s in toy.SETTINGS]
+    toy.simulate(runs, 1, n, seed, points=1)
+    W_P = W0.double() @ W0.double().T                                # (W W^T)^alpha, alpha = 1
+    for r in runs:
+        delta = written_out(r.setting, mode, W0, x1, x2, relu, None if "nopred" in r.setting else W_P)
+        expected = W0.double() + torch.nan_to_num(lr * delta, nan=0.0, posinf=0.0, neginf=0.0)
+        got = weights_after(r)
+        scale = max((expected - W0.double()).abs().max().item(), 1e-6)
+        assert ((got - expected).abs().max() / scale).item() < 2e-4, (r.setting, mode, relu)
+    if relu and degenerate:
+        skipped = {r.setting: torch.equal(weights_after(r), W0.double()) for r in runs}
+        assert skipped["cos_nopred"] == (mode == "paper") and not skipped["cos"]
+        jump = {r.setting: (weights_after(r) - W0.double()).abs().max().item() for r in runs}
+        assert (jump["cos_nosg"] > 1e5) == (mode == "paper")         # the 1e-8 guard: 1e8 / batch size
+
+
+def test_which_paper_rules_are_the_exact_gradient():
+    """The README's list: in the linear network every paper rule but cos_nosg is the exact gradient
+    (the cosine rules up to their 1e-8 guard); with the ReLU, iso_euc, cos and iso_cos still are,
+    the other Euclidean rules are not. Both updates on the same 20,000 samples at W0, in float64."""
+    W0 = toy.initial_weights(toy.DEFAULTS, 10, 15).double()
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(20_000, 15, generator=g, dtype=torch.float64)
+    x2 = x1 + SIGMA * torch.randn(20_000, 15, generator=g, dtype=torch.float64)
+    W_P, W_P_half = isoloss.predictor(W0 @ W0.T, 1.0, normalize=False)
+
+    def both(setting, relu):
+        W = W0.clone().requires_grad_()
+        z1 = toy.embed(x1, W, relu)
+        with torch.set_grad_enabled("nosg" in setting):
+            z2 = toy.embed(x2, W, relu)
+        pred = (None, None) if "nopred" in setting else (W_P, W_P_half)
+        (grad,) = torch.autograd.grad(toy.LOSSES[setting](z1, z2, *pred), W)
+        return toy.paper_update(setting, W0, x1, x2, pred[0], relu), -grad
+
+    def relative_difference(setting, relu):
+        paper, exact = both(setting, relu)
+        return ((paper - exact).norm() / exact.norm()).item()
+
+    for s in toy.SETTINGS:
+        assert (relative_difference(s, False) < 1e-6) == (s != "cos_nosg"), s
+    for s in ("iso_euc", "cos", "iso_cos"):
+        assert relative_difference(s, True) < 1e-6, s
+    for s in ("euc", "euc_nosg", "euc_nopred"):
+        assert relative_difference(s, True) > 0.05, s
+    paper, exact = both("cos_nosg", False)
+    assert (paper * exact).sum() / (paper.norm() * exact.norm()) < 0.8     # not the same direction
+
+
+def test_linear_euclidean_paper_rules_see_a_batch_only_through_its_moments():
+    """What makes moment batches exact for the paper's linear Euclidean rules too: a pseudo-batch
+    of 2N rows with a real batch's second moments gives the same update (and, as a control,
+    does not with a ReLU)."""
+    N, n = 15, 40
+    W = toy.initial_weights(toy.DEFAULTS, 10, N).double()
+    g = torch.Generator().manual_seed(1)
+    Y = torch.randn(n, 2 * N, generator=g, dtype=torch.float64) @ toy.mixing(N, SIGMA).T    # rows (x1, x2)
+    L = torch.linalg.cholesky(Y.T @ Y / n)
+    P = (2 * N) ** 0.5 * L.T                                          # (2N, 2N), P^T P / 2N = Y^T Y / n
+    W_P = W @ W.T
+    for s in ("euc", "euc_nosg", "euc_nopred", "iso_euc"):
+        pred = None if s == "euc_nopred" else W_P
+        real = toy.paper_update(s, W, Y[:, :N], Y[:, N:], pred, relu=False)
+        pseudo = toy.paper_update(s, W, P[:, :N], P[:, N:], pred, relu=False)
+        torch.testing.assert_close(pseudo, real, rtol=1e-9, atol=1e-12)
+        relu_real = toy.paper_update(s, W, Y[:, :N], Y[:, N:], pred, relu=True)
+        relu_pseudo = toy.paper_update(s, W, P[:, :N], P[:, N:], pred, relu=True)
+        assert (relu_real - relu_pseudo).norm() > 0.1 * relu_real.norm()
+
+
+def test_chunked_views_give_the_full_batch_step_and_skip_only_what_cannot_matter():
+    """simulate's chunk option: chunks of 32, 64, ... samples, their means weighted to the full
+    batch's mean (both modes), and a step whose paper cosine no-predictor update is non-finite
+    everywhere leaves W as it was."""
+    N, n, chunk, seed = 15, 100, 32, 3
+    W0 = toy.initial_weights(toy.DEFAULTS, 10, N)
+    fixed = torch.cat([torch.eye(N), -torch.eye(N)])
+    runs = [toy.Run("cos_nopred", W0, 0.5, fixed=fixed, updates=u) for u in toy.UPDATES]
+    toy.simulate(runs, 1, n, seed, points=1, chunk=chunk)
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for size in (32, 64, 4):                                           # the chunks, in the order drawn
+        x1 = torch.randn(size, N, generator=g)
+        parts.append((x1, x1 + SIGMA * torch.randn(size, N, generator=g)))
+    x1, x2 = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    for r in runs:
+        expected = W0.double() + 0.5 * written_out("cos_nopred", r.updates, W0, x1, x2, False, None)
+        torch.testing.assert_close(weights_after(r), expected, rtol=0, atol=2e-6)
+    W0, seed, *_ = views_with(2, 6, 8, need_zero=True)                 # a batch with all-zero ReLU outputs
+    run = toy.Run("cos_nopred", W0, 0.5, relu=True, fixed=torch.cat([torch.eye(6), -torch.eye(6)]), updates="paper")
+    toy.simulate([run], 1, 64, seed, points=1, chunk=8)
+    assert torch.equal(weights_after(run), W0.double())
+
+
+def test_paper_relu_no_predictor_euclidean_rule_has_zero_mean_and_the_gradient_does_not():
+    """Why the paper's Euclidean + ReLU no-predictor panel stays flat and the exact one grows: the
+    rule omits the ReLU derivative, and its expected update E[(phi(W x + W eps) - phi(W x)) x^T] is
+    0 by x -> -x symmetry (E over eps of phi(a + d) - phi(a) is even in a); the gradient's, with
+    phi'(W x), makes tr(W W^T) grow. 40 batches of 5,000 antithetic pairs x +- sigma eps (their
+    first-order noise cancels), float64, at W0."""
+    W = toy.initial_weights(toy.DEFAULTS, 10, 15).double()
+    g = torch.Generator().manual_seed(0)
+    paper, growth, paper_growth = [], [], []
+    for _ in range(40):
+        x = torch.randn(5_000, 15, generator=g, dtype=torch.float64)
+        eps = SIGMA * torch.randn(5_000, 15, generator=g, dtype=torch.float64)
+        x1, x2 = torch.cat([x, x]), torch.cat([x + eps, x - eps])
+        delta = toy.paper_update("euc_nopred", W, x1, x2, None, relu=True)
+        exact = -((x1 @ W.T).relu() - (x2 @ W.T).relu()) * (x1 @ W.T > 0)          # -(z1 - z2) * phi'
+        paper.append(delta)
+        paper_growth.append(2 * (delta * W).sum())                                   # d tr(W W^T) / (eta dt)
+        growth.append(2 * (exact.T @ x1 / len(x1) * W).sum())
+    paper, growth, paper_growth = torch.stack(paper), torch.stack(growth), torch.stack(paper_growth)
+    t_paper = paper.mean(0) / (paper.std(0) / len(paper) ** 0.5)
+    assert t_paper.abs().max() < 4.5                                   # 150 entries, all consistent with 0
+    assert growth.mean() > 10 * growth.std() / len(growth) ** 0.5     # the gradient's: clearly positive
+    assert paper_growth.mean().abs() < 0.1 * growth.mean()
 
 
 # ---------------------------------------------------------------- The speed-ups against the plain loop
@@ -180,43 +394,83 @@ def test_reduced_sample_nopred_panels_stay_within_the_full_sample_spread():
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """``python toy.py --quick`` (parallel jobs, the default), its output folder and printout."""
+    """``python toy.py --quick --updates both`` (parallel jobs, the default), its output folder and printout."""
     out = tmp_path_factory.mktemp("quick")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        toy.main(["--quick", "--out", str(out)])
+        toy.main(["--quick", "--updates", "both", "--out", str(out)])
     return out, printed.getvalue()
 
 
 def test_quick_run_writes_figures_and_json(quick):
     out, printed = quick
-    for name in ("fig2_trajectories", "fig2_eigenvalues", "fig5_initializations", "fig6_relu"):
+    for name in ("fig2_trajectories", "fig2_eigenvalues", "fig5_initializations", "fig6_relu", "fig6_trajectories"):
+        for suffix in ("", "_paper"):
+            assert (out / f"{name}{suffix}.png").stat().st_size > 10_000
+    for name in ("fig2_exact_vs_paper", "fig6_exact_vs_paper"):
         assert (out / f"{name}.png").stat().st_size > 10_000
-    res = json.loads((out / "toy_results.json").read_text())
-    assert set(res) >= {"config", "fig2", "fig5", "fig6", "seconds"}
-    assert res["config"]["samples"] == toy.QUICK["samples"] and res["config"]["seed"] == 2
-    for fig in ("fig2", "fig6"):
-        assert set(res[fig]) == set(toy.SETTINGS)
-        for s, r in res[fig].items():
-            assert len(r["steps"]) >= 200 and len(r["eigenvalues"]) == len(r["steps"])
-            assert r["steps"][-1] == (toy.QUICK["nopred_steps"] if "nopred" in s else toy.QUICK["steps"])
-            assert all(len(e) == 10 for e in r["eigenvalues"])
-            assert (r["theory"] is not None) == (fig == "fig2" and s in toy.RATE)
-    assert len(res["fig5"]["euc"]) == len(res["fig5"]["cos"]) == 3
-    assert "fig2 euc " in printed and "deviation from theory" in printed
+    for mode, file in (("exact", "toy_results.json"), ("paper", "toy_results_paper.json")):
+        res = json.loads((out / file).read_text())
+        assert set(res) >= {"config", "fig2", "fig5", "fig6", "trajectories", "fig6_trajectories", "seconds"}
+        assert res["config"]["updates"] == mode
+        assert res["config"]["samples"] == toy.QUICK["samples"] and res["config"]["seed"] == 2
+        for fig in ("fig2", "fig6"):
+            assert set(res[fig]) == set(toy.SETTINGS)
+            for s, r in res[fig].items():
+                assert len(r["steps"]) >= 200 and len(r["eigenvalues"]) == len(r["steps"])
+                assert r["steps"][-1] == (toy.QUICK["nopred_steps"] if "nopred" in s else toy.QUICK["steps"])
+                assert all(len(e) == 10 for e in r["eigenvalues"])
+                assert (r["theory"] is not None) == (fig == "fig2" and s in toy.RATE)
+        for fig in ("trajectories", "fig6_trajectories"):
+            assert all(len(r["eigenvalues"][-1]) == 2 for r in res[fig].values())
+        assert len(res["fig5"]["euc"]) == len(res["fig5"]["cos"]) == 3
+    assert "fig2 euc " in printed and "deviation from theory" in printed and "paper: fig6 cos_nopred" in printed
 
 
-def test_results_do_not_depend_on_only_or_jobs(quick, tmp_path):
-    """Each figure's jobs have their own random streams: --only fig5 --jobs 1 (in-process, default
-    threads) repeats the parallel run's fig5 up to the round-off of a different thread count."""
-    toy.main(["--quick", "--only", "fig5", "--jobs", "1", "--out", str(tmp_path)])
-    assert (tmp_path / "fig5_initializations.png").exists() and not (tmp_path / "fig2_eigenvalues.png").exists()
-    alone = json.loads((tmp_path / "toy_results.json").read_text())["fig5"]
-    together = json.loads((quick[0] / "toy_results.json").read_text())["fig5"]
+def test_both_modes_see_the_same_samples(quick):
+    """Same seeds, same samples: where the paper's rule is the exact gradient (linear Euclidean
+    rows; the cosine rows up to the 1e-8 guard) the two modes' panels agree; cos_nosg's do not."""
+    exact, paper = (json.loads((quick[0] / f).read_text())["fig2"] for f in ("toy_results.json", "toy_results_paper.json"))
+
+    def eig(res, s):
+        return torch.tensor(res[s]["eigenvalues"], dtype=torch.float64)
+    for s in ("euc", "euc_nosg", "euc_nopred", "iso_euc"):
+        torch.testing.assert_close(eig(paper, s), eig(exact, s), rtol=1e-9, atol=1e-20)
+    for s in ("cos", "cos_nopred", "iso_cos"):
+        torch.testing.assert_close(eig(paper, s), eig(exact, s), rtol=1e-3, atol=1e-6)
+    assert ((eig(paper, "cos_nosg")[-1] / eig(exact, "cos_nosg")[-1]).log().abs() > 1).any()
+
+
+@pytest.mark.parametrize("mode", toy.UPDATES)
+def test_results_do_not_depend_on_only_or_jobs_or_updates(quick, tmp_path, mode):
+    """Each figure's jobs have their own random streams: --only fig5 --jobs 1 --updates MODE
+    (in-process, default threads) repeats the parallel two-mode run's fig5 up to the round-off of
+    a different thread count."""
+    toy.main(["--quick", "--only", "fig5", "--jobs", "1", "--updates", mode, "--out", str(tmp_path)])
+    file = toy.RESULTS[mode]
+    assert (tmp_path / "fig5_initializations{}.png".format("" if mode == "exact" else "_paper")).exists()
+    assert not (tmp_path / "fig2_eigenvalues.png").exists() and not (tmp_path / "fig2_exact_vs_paper.png").exists()
+    alone = json.loads((tmp_path / file).read_text())["fig5"]
+    together = json.loads((quick[0] / file).read_text())["fig5"]
     for loss in ("euc", "cos"):
         for a, b in zip(alone[loss], together[loss]):
             torch.testing.assert_close(torch.tensor(a["eigenvalues"]), torch.tensor(b["eigenvalues"]),
                                        rtol=1e-4, atol=1e-7)
+
+
+def test_comparison_figures_need_both_modes_of_one_configuration(quick, tmp_path):
+    """The exact-vs-paper figures come from the two results files; none from one file alone, or
+    from two runs with different settings."""
+    exact, paper = (json.loads((quick[0] / toy.RESULTS[m]).read_text()) for m in toy.UPDATES)
+    (tmp_path / toy.RESULTS["exact"]).write_text(json.dumps(exact))
+    assert toy.comparison_figures(tmp_path) == []
+    paper["config"]["seed"] = 3
+    (tmp_path / toy.RESULTS["paper"]).write_text(json.dumps(paper))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert toy.comparison_figures(tmp_path) == []
+    paper["config"]["seed"] = 2
+    (tmp_path / toy.RESULTS["paper"]).write_text(json.dumps(paper))
+    assert [p.name for p in toy.comparison_figures(tmp_path)] == ["fig2_exact_vs_paper.png", "fig6_exact_vs_paper.png"]
 
 
 def test_bad_arguments():

@@ -1,9 +1,12 @@
 """Linear-network experiments of Sec. 3: Figs. 2, 5, 6 and every row of Table 1,
 with the theory's predictions drawn beside the simulation.
 
-    python toy.py                 # all figures into figures/, ~3.5 min on 2 CPU cores
-    python toy.py --quick         # seconds, small sample and step counts (for tests)
-    python toy.py --bench         # the plain per-sample loop vs the toy, projected to the full run
+    python toy.py                   # all figures into figures/, 3.5 to 5.5 min on 2 CPU cores
+    python toy.py --updates paper   # the same figures with the paper's hand-written rules (*_paper.png), ~33 min
+    python toy.py --updates both    # both; either way, once figures/ holds both modes' results,
+                                    # also fig2_exact_vs_paper.png and fig6_exact_vs_paper.png
+    python toy.py --quick           # seconds, small sample and step counts (for tests)
+    python toy.py --bench           # the plain per-sample loop vs the toy, projected to the full run
 
 Setup (the paper's notebook, Sec. 3): a linear Siamese network
 ``z = W x`` (``W`` (M, N)), standard Gaussian inputs drawn fresh every step,
@@ -11,9 +14,21 @@ views ``x1 = x`` and ``x2 = x + sigma * eps`` (only view 2 is perturbed, so
 ``E[x1 x1^T] = E[x2 x1^T] = I``), closed-form predictor ``W_P = (W W^T)^alpha``
 (alpha = 1) from ``isoloss.predictor`` recomputed every step without gradient,
 only the view-1 branch trained (no symmetrised loss), plain gradient steps.
-Every setting trains with autograd through the same ``isoloss`` functions that
-train.py uses. Plotted: the eigenvalues of ``W W^T`` (those of ``W_P`` for
-alpha = 1).
+Plotted: the eigenvalues of ``W W^T`` (those of ``W_P`` for alpha = 1).
+
+Two ways to update (``--updates``):
+- ``exact`` (default): autograd through the same ``isoloss`` functions that
+  train.py uses, i.e. the exact gradient of each loss as the paper writes it.
+- ``paper``: the hand-written update rules of the paper's notebook
+  (``paper_update``), which made the published panels. In the linear network they
+  are the exact gradient for seven of the eight rows (up to the 1e-8 added to the
+  norms of the cosine rows); they differ for the cosine loss without stop-grad
+  (its target-branch term uses x1 instead of x2 and divides by |p|^3 |z2| where
+  the gradient has |p| |z2|^3) and, with the ReLU of Fig. 6, for the Euclidean
+  rows except IsoLoss (ReLU derivative before ``W_P^T`` instead of after; view 1's
+  derivative in the view-2 term; none at all without predictor) and for the
+  cosine rows' handling of all-zero embeddings (1e-8 on the norms, or none, and a
+  non-finite update entry replaced by 0). README.md gives the resulting numbers.
 
 Theory (dashed): in this setting Eqs. 9, 12, 13 and 16 are exact mode-wise
 equations for the expected update, applied once per step (``theory``). Writing
@@ -23,38 +38,50 @@ with ``g`` in ``RATE``. For the no-stop-grad row, Eq. 12 assumes
 ``E[z2 z2^T] = E[z1 z2^T]``; here view 2 carries the noise,
 ``E[x2 x2^T] = (1 + sigma^2) I``, and the exact expected update is
 ``dW = -eta ((W_P - I)^2 + sigma^2 I) W``, i.e. ``g = -((1 - lambda)^2 + sigma^2)``.
+The linear Euclidean paper rules are these gradients, so the theory holds in both modes.
 
 How it is fast (the plain loop, one setting at a time with 50,000 fresh samples
-per step as in the paper's notebook, takes about two hours here; ``--bench``):
+per step as in the paper's notebook, takes about two hours here; ``--bench``).
+Each shortcut is used only where it stays exact for the update rule in use:
 - Common random numbers: the runs of a job train side by side on the same
-  fresh samples each step.
+  fresh samples each step (a job draws the same samples in both modes).
 - Exact moment batches for the linear Euclidean rows. Their loss (hence its
-  gradient) depends on a batch only through the second moments of the stacked
-  views ``y = (x1, x2)``. The scatter of ``n`` samples is Wishart: we draw it
-  exactly (Bartlett decomposition) and feed autograd a pseudo-batch of ``2N``
-  rows with exactly that scatter. Same distribution of the update as ``n``
-  fresh samples, for ``O(N^2)`` instead of ``O(n N)`` work (``test_toy.py``
-  checks the moments and the update against the plain loop). These runs are in
-  float64: free at this size, and the no-stop-grad row decays to 1e-15.
+  gradient) and their paper rules depend on a batch only through the second
+  moments of the stacked views ``y = (x1, x2)``. The scatter of ``n`` samples is
+  Wishart: we draw it exactly (Bartlett decomposition) and feed the update a
+  pseudo-batch of ``2N`` rows with exactly that scatter. Same distribution of the
+  update as ``n`` fresh samples, for ``O(N^2)`` instead of ``O(n N)`` work
+  (``test_toy.py`` checks the moments and the update against the plain loop).
+  These runs are in float64: free at this size, and the no-stop-grad row decays
+  to 1e-15. With a ReLU no rule is a function of the moments: real samples.
 - The three 100,000-step panels that need real samples (no predictor: cosine,
   cosine + ReLU, Euclidean + ReLU) see ``--nopred-samples`` (512) fresh samples
   per step in antithetic pairs ``x +- sigma eps`` instead of 50,000. Each step's
-  update is still an unbiased estimate of the same expected update; the view
-  noise that dominates these updates cancels to first order, so their spread
-  stays at that of the 50,000-sample loop. Over 20,000 steps, four such runs
-  agreed with a 50,000-sample run to 0.4% (cosine) and within one to two
+  update is a batch mean of per-sample terms, each sample is exactly distributed,
+  so the update is still an unbiased estimate of the same expected update; the
+  view noise that dominates these updates cancels to first order, so their
+  spread stays at that of the 50,000-sample loop. Over 20,000 steps, four such
+  runs agreed with a 50,000-sample run to 0.4% (cosine) and within one to two
   run-to-run standard deviations (ReLU panels, at most 1.7%); 2,048 independent
   samples instead made the Euclidean + ReLU panel drift 20% (``test_toy.py``
-  checks a shortened horizon).
+  checks a shortened horizon). Not so for the paper's cosine + ReLU
+  no-predictor rule: one sample whose ReLU output is all zero makes every entry
+  of its update non-finite, so the whole step is skipped, and how often that
+  happens depends on the batch size. That panel sees the full 50,000 samples per
+  step, drawn in doubling chunks (``CHUNK``): once every entry of the partial sum
+  is non-finite, the step is skipped whatever the rest of the batch holds, so the
+  rest is not drawn (exact; 2.7x cheaper per step where most steps are skipped,
+  5% dearer where none is). It is the paper mode's bottleneck: README.md.
 - The jobs run in parallel processes of one thread each (``--jobs``): the
   toy's tensors are too small for threads to pay, processes do. Each job has
-  its own seeds, so ``--only`` and ``--jobs`` leave the results unchanged (up to
-  float round-off: thread counts change summation order).
+  its own seeds, so ``--only``, ``--jobs`` and ``--updates`` leave the results
+  unchanged (up to float round-off: thread counts change summation order).
 
-Departures from the notebook: the notebook's hand-written ReLU update for the
-no-predictor Euclidean row omits the ReLU derivative and its no-stop-grad
-cosine update is an approximation; here autograd gives the exact gradients of
-the losses as the paper writes them.
+Departures from the notebook in the default mode: autograd gives the exact
+gradients of the losses as the paper writes them (``--updates paper`` runs the
+notebook's rules instead). Outputs of the paper mode carry the suffix ``_paper``
+(``toy_results_paper.json``); each results file records its mode in
+``config["updates"]``.
 """
 import argparse
 import functools
@@ -97,6 +124,73 @@ RATE = {  # g(lambda) of dz_m/dt = eta g(lambda_m) z_m for the linear Euclidean 
 
 # Panel order of Fig. 2: (a) no stop-grad, (b) no predictor, (c) BYOL/SimSiam loss, (d) IsoLoss.
 PANELS = (("euc_nosg", "euc_nopred", "euc", "iso_euc"), ("cos_nosg", "cos_nopred", "cos", "iso_cos"))
+
+UPDATES = ("exact", "paper")     # autograd through isoloss.py, or the notebook's rules (paper_update)
+NORM_EPS = 1e-8                  # the notebook's guard added to |p| and |z2| in its cosine rules with a predictor
+
+
+def paper_update(setting, W, x1, x2, W_P, relu):
+    """The paper's hand-written update of one Table 1 row: ``Delta W / eta`` on a batch, (M, N).
+
+    The notebook's rules, which made the published Figs. 2, 5 and 6 (``--updates paper``).
+    x1, x2: (B, N) views (rows are samples; the code works on their columns, as the paper
+    writes them); W: (M, N); W_P: (M, M) = (W W^T)^alpha without gradient, or None.
+    With z = phi(W x) (phi the identity, or the ReLU of Fig. 6), p = W_P z1,
+    phi' = 1[W x1 > 0] in every term (view 1's, also in view-2 terms), e = (p - z2) * phi',
+    per sample, then summed over the batch and divided by B::
+
+        euc         -W_P^T e x1^T                      Eq. 3's gradient with phi' before W_P^T
+        euc_nosg    -(-e x2^T + W_P^T e x1^T)          Eq. 12's, the same and view 1's phi'
+        euc_nopred  -(z1 - z2) x1^T                    Eq. 13's without phi'
+        iso_euc     -e x1^T                            Eq. 15's
+        cos*        [W_P z2 / (|p||z2|) - (p.z2) W_P p / (|p|^3 |z2|)] * phi' x1^T      Eq. 4's
+        iso_cos*    [z2 / (|p||z2|) - (p.z2) p / (|p|^3 |z2|)] * phi' x1^T              Eq. 17's
+        cos_nosg*   [W_P (z1 + z2) / (|p||z2|) - (p.z2)(W_P p + z2) / (|p|^3 |z2|)] * phi' x1^T
+        cos_nopred  [z2 / (|z1||z2|) - (z1.z2) z1 / (|z1|^3 |z2|)] * phi' x1^T          Eq. 14's
+
+    ``*``: the norms |p| and |z2| carry + ``NORM_EPS``. ``cos_nosg`` is not the gradient of
+    its loss (App. C.2): the exact step's target-branch term is ``[p / (|p||z2|) - (p.z2) z2 /
+    (|p||z2|^3)] * phi'(W x2) x2^T``; the rule has x1 and |p|^3 |z2| there (App. C.2's
+    derivation has the same prefactor). The caller applies
+    ``W <- W + nan_to_num(eta * Delta W)`` (``simulate``): a non-finite entry becomes 0.
+    Linear: equal to the exact gradient step for every row but ``cos_nosg`` (the 1e-8 aside).
+    """
+    X1, X2 = x1.T, x2.T                                        # (N, B): columns are samples, as in the paper
+    A1 = W @ X1                                                # (M, B) W x1 (here ~20x faster than x1 @ W.T)
+    Z1, Z2 = (A1.relu(), (W @ X2).relu()) if relu else (A1, W @ X2)             # (M, B)
+    D = (A1 > 0).to(W.dtype) if relu else torch.ones_like(A1)  # (M, B) phi'(W x1)
+
+    def norm(Z):                                               # (B,) column norms (here ~10x faster than .norm(dim=0))
+        return (Z * Z).sum(0).sqrt()
+
+    if setting in ("euc", "euc_nosg", "iso_euc"):
+        E = (W_P @ Z1 - Z2) * D                                # (M, B) e = (p - z2) * phi'
+        delta = {"euc": lambda: -(W_P.T @ E) @ x1,             # (M, N): -W_P^T e x1^T summed over the batch
+                 "euc_nosg": lambda: E @ x2 - (W_P.T @ E) @ x1,
+                 "iso_euc": lambda: -E @ x1}[setting]()
+    elif setting == "euc_nopred":
+        delta = -(Z1 - Z2) @ x1
+    elif setting == "cos_nopred":
+        n1, n2 = norm(Z1), norm(Z2)                            # (B,), no guard
+        U = Z2 / (n1 * n2) - (Z1 * Z2).sum(0) * Z1 / (n1 ** 3 * n2)                # (M, B)
+        delta = (U * D) @ x1
+    else:                                                      # cos, iso_cos, cos_nosg
+        P = W_P @ Z1                                           # (M, B) p
+        n_p, n2 = norm(P) + NORM_EPS, norm(Z2) + NORM_EPS      # (B,)
+        pz = (P * Z2).sum(0)                                   # (B,) p . z2
+        U = {"cos": lambda: W_P @ Z2 / (n_p * n2) - pz * (W_P @ P) / (n_p ** 3 * n2),
+             "iso_cos": lambda: Z2 / (n_p * n2) - pz * P / (n_p ** 3 * n2),
+             "cos_nosg": lambda: W_P @ (Z1 + Z2) / (n_p * n2) - pz * (W_P @ P + Z2) / (n_p ** 3 * n2),
+             }[setting]()                                      # (M, B)
+        delta = (U * D) @ x1
+    return delta / x1.shape[0]                                 # (M, N)
+
+
+def skips_steps(setting, relu, updates):
+    """Whether one sample can zero a whole step's update: the paper's cosine no-predictor rule
+    (no 1e-8 guard) with a ReLU, where an all-zero z1 or z2 makes every entry non-finite. Such an
+    update is no batch mean of per-sample terms: reduced or antithetic samples would bias it."""
+    return updates == "paper" and relu and setting == "cos_nopred"
 
 DEFAULTS = dict(
     seed=2,             # torch.manual_seed(2) then W0 = randn(M, N) / 4: the notebook's initial condition
@@ -173,12 +267,17 @@ class Run:
     relu: bool = False                   # ReLU on the embeddings (Fig. 6)
     long: bool = False                   # a no-predictor panel: --nopred-steps, --nopred-samples
     exact_moments: bool = True           # allow moment batches (False: always real samples)
-    fixed: torch.Tensor = None           # (K, N) inputs whose embeddings are recorded (Fig. 2 top)
+    fixed: torch.Tensor = None           # (K, N) inputs whose embeddings are recorded (Figs. 2, 6 top)
+    updates: str = "exact"               # "exact": autograd; "paper": the notebook's rule (paper_update)
     out: dict = field(default_factory=dict)
 
     @property
-    def moments(self):                   # linear Euclidean rows: exact moment batches
+    def moments(self):                   # linear Euclidean rows: exact moment batches (both modes)
         return self.exact_moments and not self.relu and self.setting in RATE
+
+    @property
+    def reducible(self):                 # its update may be estimated from fewer, antithetic samples
+        return not skips_steps(self.setting, self.relu, self.updates)
 
 
 def eigenvalues(W):
@@ -192,21 +291,51 @@ def embed(x, W, relu):
     return z.relu() if relu else z
 
 
-def simulate(runs, steps, samples, seed=0, antithetic=False, moment_samples=DEFAULTS["samples"],
-             sigma=DEFAULTS["sigma"], alpha=DEFAULTS["alpha"], points=DEFAULTS["points"]):
-    """Train ``runs`` side by side for ``steps`` plain gradient steps on common random numbers.
+def view_chunks(samples, N, sigma, generator, antithetic=False, chunk=None):
+    """One step's fresh views, all at once (``chunk`` None) or in chunks of ``chunk``, 2 ``chunk``,
+    4 ``chunk``, ... samples (the last one smaller), each with its weight ``n / samples`` (its
+    batch mean's share of the step's). Doubling keeps the chunks few when all are needed."""
+    if chunk is None:
+        yield draw_views(samples, N, sigma, generator, antithetic), 1.0
+        return
+    assert not antithetic, "antithetic pairs are drawn whole batches at a time"
+    start = 0
+    while start < samples:
+        n = min(chunk, samples - start)
+        yield draw_views(n, N, sigma, generator), n / samples
+        start, chunk = start + n, 2 * chunk
 
-    Sample-based runs see ``samples`` fresh views per step (``draw_views``); moment runs see an
-    exact moment batch of ``moment_samples`` views. The two come from separate random streams
-    (``seed``, ``seed + 1``), so no run's samples depend on which other runs share the loop.
-    Records, at ~``points`` steps, the sorted eigenvalues of ``W W^T`` into ``run.out`` (and the
-    embeddings of ``run.fixed``).
+
+def simulate(runs, steps, samples, seed=0, antithetic=False, moment_samples=DEFAULTS["samples"],
+             sigma=DEFAULTS["sigma"], alpha=DEFAULTS["alpha"], points=DEFAULTS["points"], chunk=None):
+    """Train ``runs`` side by side for ``steps`` plain steps on common random numbers.
+
+    A run steps along its loss's exact gradient (``run.updates == "exact"``: autograd through
+    ``isoloss``), or by the paper's rule, ``W <- W + nan_to_num(lr * paper_update(...))`` with
+    non-finite entries set to 0 (``"paper"``). Sample-based runs see ``samples`` fresh views per
+    step (``draw_views``); moment runs see an exact moment batch of ``moment_samples`` views. The
+    two come from separate random streams (``seed``, ``seed + 1``), so no run's samples depend on
+    which other runs share the loop. ``chunk``: draw the views in growing chunks (``view_chunks``),
+    and stop drawing a step's views once every run they feed is a paper run whose
+    summed update is non-finite in every entry: nan_to_num then zeroes it whatever the rest of
+    the batch holds (``skips_steps``). Records, at ~``points`` steps, the sorted eigenvalues of
+    ``W W^T`` into ``run.out`` (and the embeddings of ``run.fixed``).
     """
     generator = torch.Generator().manual_seed(seed)          # views
     torch.manual_seed(seed + 1)                              # moment batches
-    Ws = [r.W0.to(torch.float64 if r.moments else torch.float32, copy=True).requires_grad_() for r in runs]
+    Ws = [r.W0.to(torch.float64 if r.moments else torch.float32, copy=True).requires_grad_(r.updates == "exact")
+          for r in runs]
     N = max(r.W0.shape[1] for r in runs)
-    need_views, need_moments = not all(r.moments for r in runs), any(r.moments for r in runs)
+    on_views = [i for i, r in enumerate(runs) if not r.moments]
+    on_moments = [i for i, r in enumerate(runs) if r.moments]
+    exact = [i for i, r in enumerate(runs) if r.updates == "exact"]
+
+    def batches():                                           # one step's (views, weight, the runs they feed)
+        if on_moments:
+            yield draw_moment_batch(moment_samples, N, sigma), 1.0, on_moments
+        for views, weight in view_chunks(samples, N, sigma, generator, antithetic, chunk) if on_views else ():
+            yield views, weight, on_views
+
     every = max(1, steps // points)
     for r in runs:
         r.out.update(steps=[], eigenvalues=[], trajectory=[])
@@ -215,22 +344,31 @@ def simulate(runs, steps, samples, seed=0, antithetic=False, moment_samples=DEFA
             record(runs, Ws, t)
         if t == steps:
             break
-        views = draw_views(samples, N, sigma, generator, antithetic) if need_views else None
-        moments = draw_moment_batch(moment_samples, N, sigma) if need_moments else None
-        loss = 0
-        for r, W in zip(runs, Ws):
-            x1, x2 = moments if r.moments else views
-            z1 = embed(x1[:, :W.shape[1]], W, r.relu)
-            with torch.set_grad_enabled("nosg" in r.setting):       # the target branch: SG unless nosg
-                z2 = embed(x2[:, :W.shape[1]], W, r.relu)
-            W_P = W_P_half = None
-            if "nopred" not in r.setting:
-                W_P, W_P_half = isoloss.predictor(W.detach() @ W.detach().T, alpha, normalize=False)
-            loss = loss + LOSSES[r.setting](z1, z2, W_P, W_P_half)
-        grads = torch.autograd.grad(loss, Ws)
+        predictors = [(None, None) if "nopred" in r.setting else
+                      isoloss.predictor(W.detach() @ W.detach().T, alpha, normalize=False) for r, W in zip(runs, Ws)]
+        loss, deltas = 0, [0] * len(runs)
+        for (x1, x2), weight, fed in batches():
+            for i in fed:
+                r, W, (W_P, W_P_half) = runs[i], Ws[i], predictors[i]
+                x1_, x2_ = x1[:, :W.shape[1]], x2[:, :W.shape[1]]
+                if r.updates == "paper":
+                    deltas[i] = deltas[i] + weight * paper_update(r.setting, W, x1_, x2_, W_P, r.relu)
+                    continue
+                z1 = embed(x1_, W, r.relu)
+                with torch.set_grad_enabled("nosg" in r.setting):   # the target branch: SG unless nosg
+                    z2 = embed(x2_, W, r.relu)
+                term = LOSSES[r.setting](z1, z2, W_P, W_P_half)
+                loss = loss + (term if weight == 1 else weight * term)
+            if chunk is not None and fed is on_views and all(
+                    runs[i].updates == "paper" and not torch.isfinite(deltas[i]).any() for i in on_views):
+                break                                        # the step is skipped: draw no more views
+        grads = dict(zip(exact, torch.autograd.grad(loss, [Ws[i] for i in exact]))) if exact else {}
         with torch.no_grad():
-            for r, W, g in zip(runs, Ws, grads):
-                W.sub_(r.lr * g)
+            for i, (r, W) in enumerate(zip(runs, Ws)):
+                if r.updates == "paper":
+                    W.add_(torch.nan_to_num(r.lr * deltas[i], nan=0.0, posinf=0.0, neginf=0.0))
+                else:
+                    W.sub_(r.lr * grads[i])
     return runs
 
 
@@ -277,41 +415,42 @@ def initial_weights(cfg, M, N):
     return torch.randn(M, N) / 4
 
 
-def fig2_runs(cfg, relu=False):
+def fig2_runs(cfg, relu=False, updates="exact"):
     """Eigenvalue panels (Fig. 2 bottom; Fig. 6 with ``relu``): one run per Table 1 row."""
     W0 = initial_weights(cfg, cfg["M"], cfg["N"])
-    return {s: Run(s, W0, LR[s], relu=relu, long="nopred" in s) for s in SETTINGS}
+    return {s: Run(s, W0, LR[s], relu=relu, long="nopred" in s, updates=updates) for s in SETTINGS}
 
 
-def trajectory_runs(cfg):
-    """Fig. 2 top: M=2, N=6, lr 0.01 for every row, 20 highest-norm of 5,000 fixed inputs."""
+def trajectory_runs(cfg, relu=False, updates="exact"):
+    """Fig. 2 top (Fig. 6 top with ``relu``): M=2, N=6, lr 0.01 for every row, 20 highest-norm
+    of 5,000 fixed inputs."""
     torch.manual_seed(cfg["seed"])
     X = torch.randn(cfg["traj_N"], cfg["traj_inputs"]).T                        # (5000, N), notebook's draw
     fixed = X[X.norm(dim=1).argsort(descending=True)[:cfg["traj_shown"]]]       # (20, N)
     W0 = initial_weights(cfg, cfg["traj_M"], cfg["traj_N"])
-    return {s: Run(s, W0, cfg["traj_lr"], fixed=fixed) for s in SETTINGS}
+    return {s: Run(s, W0, cfg["traj_lr"], relu=relu, fixed=fixed, updates=updates) for s in SETTINGS}
 
 
-def fig5_runs(cfg, trajectories=None):
+def fig5_runs(cfg, trajectories=None, updates="exact"):
     """Fig. 5: M=2, three initialisations (W0, 2 W0, randn / 2), Euclidean vs cosine. The first
     is the trajectory panels' run of the same loss (same W0 and lr): reused when given."""
     W0 = initial_weights(cfg, cfg["traj_M"], cfg["traj_N"])
     inits = [W0, 2 * W0, torch.randn(cfg["traj_M"], cfg["traj_N"]) / 2]
-    runs = {loss: [Run(loss, W, cfg["traj_lr"]) for W in inits] for loss in ("euc", "cos")}
+    runs = {loss: [Run(loss, W, cfg["traj_lr"], updates=updates) for W in inits] for loss in ("euc", "cos")}
     for loss in runs if trajectories else ():
         runs[loss][0] = trajectories[loss]
     return runs
 
 
-def build_runs(cfg, only=None):
+def build_runs(cfg, only=None, updates="exact"):
     """The runs of the chosen figures: {figure: {setting: Run}} ({loss: [Run]} for fig5)."""
     figs = {}
     if only in (None, "fig2"):
-        figs["fig2"], figs["trajectories"] = fig2_runs(cfg), trajectory_runs(cfg)
+        figs["fig2"], figs["trajectories"] = fig2_runs(cfg, False, updates), trajectory_runs(cfg, False, updates)
     if only in (None, "fig6"):
-        figs["fig6"] = fig2_runs(cfg, relu=True)
+        figs["fig6"], figs["fig6_trajectories"] = fig2_runs(cfg, True, updates), trajectory_runs(cfg, True, updates)
     if only in (None, "fig5"):
-        figs["fig5"] = fig5_runs(cfg, figs.get("trajectories"))
+        figs["fig5"] = fig5_runs(cfg, figs.get("trajectories"), updates)
     return figs
 
 
@@ -329,28 +468,61 @@ class Job:
     samples: int
     seed: int
     antithetic: bool = False
+    chunk: int = None                    # draw the views in chunks (simulate), skipping what cannot matter
+
+    @property
+    def mode(self):                      # the update rule of its runs (a figure's runs share one)
+        return self.runs[0].updates
 
 
-JOBS = (  # name, the figures' entries whose runs it simulates, which of their runs
-    ("fig2 no-predictor", ("fig2",), lambda r: r.long),
-    ("fig6 no-predictor", ("fig6",), lambda r: r.long),
-    ("fig2 main", ("fig2",), lambda r: not r.long),
-    ("fig6 main", ("fig6",), lambda r: not r.long),
-    ("M=2 panels", ("trajectories", "fig5"), lambda r: True),
-)  # in this order, two workers pack the jobs into ~205 s each (measured costs 98, 82, 74, 107, 53 s)
+JOBS = (  # name, seed offset, the figures' entries whose runs it simulates, which of their runs. Jobs that
+    # share a seed offset see the same samples: splitting one in two only packs the process pool better.
+    ("fig2 no-predictor", 10, ("fig2",), lambda r: r.long),
+    ("fig6 no-predictor", 20, ("fig6",), lambda r: r.long),
+    ("fig2 main", 30, ("fig2",), lambda r: not r.long),
+    ("fig6 main, Euclidean", 40, ("fig6",), lambda r: not r.long and r.setting in RATE),
+    ("fig6 main, cosine", 40, ("fig6",), lambda r: not r.long and r.setting not in RATE),
+    ("M=2 panels", 50, ("trajectories", "fig5"), lambda r: True),
+    ("fig6 M=2 panels, Euclidean", 60, ("fig6_trajectories",), lambda r: r.setting in RATE),
+    ("fig6 M=2 panels, cosine", 60, ("fig6_trajectories",), lambda r: r.setting not in RATE),
+)
+FULL = ", full samples"  # suffix of a no-predictor job's runs that may not see reduced samples (Run.reducible)
+SECONDS = {  # seconds per job on one of 2 cores (measured in one default run), only to order the jobs: longest first
+    "fig2 no-predictor": 94, "fig6 no-predictor": 86, "fig2 main": 96, "fig6 main, Euclidean": 70,
+    "fig6 main, cosine": 105, "M=2 panels": 68, "fig6 M=2 panels, Euclidean": 38, "fig6 M=2 panels, cosine": 40,
+    "fig6 no-predictor" + FULL: 1941,
+}
+CHUNK = 2_048  # first chunk of a full-sample no-predictor job (view_chunks, simulate's early exit): small next
+               # to the ~15,000 samples between all-zero ReLU outputs at W0 (measured: about 7e-5 of the samples)
+
+
+PREFIX = {"exact": "", "paper": "paper: "}   # printed before the runs and jobs of each mode
+RESULTS = {"exact": "toy_results.json", "paper": "toy_results_paper.json"}   # each mode's results file
+
+
+def longest_first(jobs):
+    """The order the process pool takes the jobs: longest first (``SECONDS``), which packs them well."""
+    return sorted(jobs, key=lambda job: -SECONDS.get(job.name, 0))
 
 
 def build_jobs(cfg, figs):
-    """The independent simulations, in the order the process pool takes them. The 100,000-step
-    no-predictor runs see ``--nopred-samples`` antithetic views. Each job has fixed seeds and
-    always the same input size, so results do not depend on ``--only`` or ``--jobs``."""
+    """The independent simulations. The 100,000-step no-predictor runs see ``--nopred-samples`` antithetic views
+    where that estimates their update without bias (``Run.reducible``), else ``--samples``
+    fresh views in chunks. Each job has fixed seeds (the same in both modes, so both see the same
+    samples) and always the same input size, so results do not depend on ``--only``, ``--jobs``
+    or ``--updates``."""
     jobs = []
-    for i, (name, keys, chosen) in enumerate(JOBS):
+    for name, offset, keys, chosen in JOBS:
         runs = list({id(r): r for key in keys if key in figs for r in flatten(figs[key]) if chosen(r)}.values())
-        if runs:
-            long = runs[0].long
-            jobs.append(Job(name, runs, cfg["nopred_steps"] if long else cfg["steps"],
-                            cfg["nopred_samples"] if long else cfg["samples"], cfg["seed"] + 10 * (i + 1), long))
+        seed = cfg["seed"] + offset
+        if runs and not runs[0].long:
+            jobs.append(Job(name, runs, cfg["steps"], cfg["samples"], seed))
+            continue
+        reduced, full = [r for r in runs if r.reducible], [r for r in runs if not r.reducible]
+        if reduced:
+            jobs.append(Job(name, reduced, cfg["nopred_steps"], cfg["nopred_samples"], seed, antithetic=True))
+        if full:
+            jobs.append(Job(name + FULL, full, cfg["nopred_steps"], cfg["samples"], seed + 5, chunk=CHUNK))
     return jobs
 
 
@@ -358,7 +530,7 @@ def run_job(job, cfg):
     """Simulate one job and its theory curves; returns the runs' records and the seconds it took."""
     start = time.perf_counter()
     simulate(job.runs, job.steps, job.samples, job.seed, job.antithetic,
-             cfg["samples"], cfg["sigma"], cfg["alpha"], cfg["points"])
+             cfg["samples"], cfg["sigma"], cfg["alpha"], cfg["points"], job.chunk)
     for r in job.runs:
         r.out["theory"] = None if r.relu else theory(
             r.setting, r.out["eigenvalues"][0], r.out["steps"], r.lr, cfg["sigma"], cfg["alpha"])
@@ -375,15 +547,16 @@ def run_jobs(jobs, cfg, workers):
         return list(pool.map(run_job, jobs, [cfg] * len(jobs)))
 
 
-def run_all(cfg, only=None, workers=1):
-    """Simulate the chosen figures; returns their runs (records and theory in ``run.out``) and job timings."""
-    figs = build_runs(cfg, only)
-    jobs = build_jobs(cfg, figs)
-    seconds = {}
+def run_all(cfg, only=None, workers=1, modes=("exact",)):
+    """Simulate the chosen figures with each update rule in ``modes``, all jobs in one pool.
+    Returns {mode: figures} (records and theory in ``run.out``) and {mode: {job: seconds}}."""
+    figs = {mode: build_runs(cfg, only, mode) for mode in modes}
+    jobs = longest_first([job for mode in modes for job in build_jobs(cfg, figs[mode])])
+    seconds = {mode: {} for mode in modes}
     for job, (outs, sec) in zip(jobs, run_jobs(jobs, cfg, workers)):
         for r, out in zip(job.runs, outs):
             r.out = out
-        seconds[job.name] = round(sec, 2)
+        seconds[job.mode][job.name] = round(sec, 2)
     return figs, seconds
 
 
@@ -391,13 +564,23 @@ def run_all(cfg, only=None, workers=1):
 # Figures and results
 # ----------------------------------------------------------------------------
 
-def plot_eigenvalues(ax, run, title, color=None):
-    steps, eig = run.out["steps"], torch.tensor(run.out["eigenvalues"])
+def plot_eigenvalues(ax, record, title, color=None):
+    """One run's eigenvalues (and theory) from its record: ``run.out`` or its entry in the results file."""
+    steps, eig = record["steps"], torch.tensor(record["eigenvalues"])
     ax.plot(steps, eig.clamp(min=1e-16).numpy(), lw=1.2, color=color)
-    if run.out["theory"] is not None:
-        ax.plot(steps, torch.tensor(run.out["theory"]).clamp(min=1e-16).numpy(), "k--", lw=0.8)
+    if record["theory"] is not None:
+        ax.plot(steps, torch.tensor(record["theory"]).clamp(min=1e-16).numpy(), "k--", lw=0.8)
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
+
+
+def plot_trajectory(ax, run, title):
+    traj = torch.tensor(run.out["trajectory"])                         # (T, K, 2)
+    for k in range(traj.shape[1]):
+        ax.plot(traj[:, k, 0], traj[:, k, 1], lw=0.8, color=f"C{k % 10}", alpha=0.7)
+    ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=12, c=[f"C{k % 10}" for k in range(traj.shape[1])], zorder=3)
+    ax.set_title(title, fontsize=10)
+    ax.set_aspect("equal", adjustable="datalim")
 
 
 def eigenvalue_figure(runs, path, suptitle):
@@ -405,7 +588,7 @@ def eigenvalue_figure(runs, path, suptitle):
     fig, axes = plt.subplots(2, 4, figsize=(13, 5.6), constrained_layout=True)
     for row, settings in zip(axes, PANELS):
         for ax, s in zip(row, settings):
-            plot_eigenvalues(ax, runs[s], s)
+            plot_eigenvalues(ax, runs[s].out, s)
             ax.set_xlabel("step")
         row[0].set_ylabel("eigenvalues of $W W^T$")
     fig.suptitle(suptitle + "  (dashed: theory, Eqs. 9, 12, 13, 16)" if any(
@@ -414,42 +597,113 @@ def eigenvalue_figure(runs, path, suptitle):
     plt.close(fig)
 
 
-def trajectory_figure(runs, path):
+def trajectory_figure(runs, path, suptitle):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 4, figsize=(13, 6.4), constrained_layout=True)
     for row, settings in zip(axes, PANELS):
         for ax, s in zip(row, settings):
-            traj = torch.tensor(runs[s].out["trajectory"])               # (T, K, 2)
-            for k in range(traj.shape[1]):
-                ax.plot(traj[:, k, 0], traj[:, k, 1], lw=0.8, color=f"C{k % 10}", alpha=0.7)
-            ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=12, c=[f"C{k % 10}" for k in range(traj.shape[1])], zorder=3)
-            ax.set_title(s, fontsize=10)
-            ax.set_aspect("equal", adjustable="datalim")
-    fig.suptitle("Fig. 2 (top): embeddings $Wx$ of 20 fixed inputs during training (M=2, N=6); dots: final")
+            plot_trajectory(ax, runs[s], s)
+    fig.suptitle(suptitle)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def fig5_figure(runs, path):
+def fig5_figure(runs, path, suptitle):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     names = ("$W_0$", "$2 W_0$", "randn / 2")
     for ax, loss in zip(axes, ("euc", "cos")):
         for i, run in enumerate(runs[loss]):
-            plot_eigenvalues(ax, run, f"{loss}: two eigenvalues, three initialisations", color=f"C{i}")
+            plot_eigenvalues(ax, run.out, f"{loss}: two eigenvalues, three initialisations", color=f"C{i}")
             ax.plot([], [], color=f"C{i}", label=names[i])
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.suptitle("Fig. 5: Euclidean eigenvalues all converge to 1, cosine ones to a common, initialisation-dependent value")
+    fig.suptitle(suptitle)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def results_json(cfg, figs, seconds):
+MODE_NAMES = {"exact": "exact gradient", "paper": "paper's rule"}
+
+
+def exact_vs_paper_figure(results, fig, path, suptitle):
+    """Both update rules side by side, from their results files (``results``: {mode: contents}):
+    pairs of rows, exact above paper, with the same axis limits within each pair. Fig. 2: the
+    cosine loss without stop-grad (M=10 and M=2), the one linear row where they differ. Fig. 6:
+    every row, in Fig. 2's panel order (the rules agree for iso_euc, and differ for cos and iso_cos
+    only in their handling of all-zero embeddings)."""
+    import matplotlib.pyplot as plt
+    if fig == "fig2":
+        groups = [[("fig2", "cos_nosg"), ("trajectories", "cos_nosg")]]
+    else:
+        groups = [[("fig6", s) for s in settings] for settings in PANELS]
+    width = len(groups[0])
+    figure, axes = plt.subplots(2 * len(groups), width, figsize=(3.3 * width + 0.6, 2.9 * 2 * len(groups)),
+                                constrained_layout=True, squeeze=False)
+    for g, columns in enumerate(groups):
+        pair = axes[2 * g: 2 * g + 2]                    # (2, width): exact row, paper row
+        for row, mode in zip(pair, UPDATES):
+            for ax, (key, s) in zip(row, columns):
+                size = "M=2" if "trajectories" in key else "M=10"
+                plot_eigenvalues(ax, results[mode][key][s], f"{s}, {size}: {MODE_NAMES[mode]}")
+                ax.set_xlabel("step")
+            row[0].set_ylabel("eigenvalues of $W W^T$")
+        for column in pair.T:                            # the same limits within the pair
+            for lim in ("xlim", "ylim"):
+                lows, highs = zip(*(getattr(ax, "get_" + lim)() for ax in column))
+                for ax in column:
+                    getattr(ax, "set_" + lim)(min(lows), max(highs))
+    figure.suptitle(suptitle)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def comparison_figures(out):
+    """The exact-vs-paper figures, drawn when ``out`` holds both modes' results files from the
+    same configuration (``--updates both``, or one run of each mode in either order)."""
+    paths = [out / RESULTS[mode] for mode in UPDATES]
+    if not all(p.exists() for p in paths):
+        return []
+    results = {mode: json.loads(p.read_text()) for mode, p in zip(UPDATES, paths)}
+    configs = [{k: v for k, v in results[mode]["config"].items() if k != "updates"} for mode in UPDATES]
+    if configs[0] != configs[1]:
+        print(f"{out}/: the two modes' results differ in their configuration, no exact-vs-paper figures")
+        return []
+    written = []
+    for fig, keys, title in (
+            ("fig2", ("fig2", "trajectories"), "Cosine loss without stop-grad, linear network:\nthe exact "
+             "gradient (top) and the paper's rule (bottom), same samples"),
+            ("fig6", ("fig6",), "Fig. 6 (ReLU on the embeddings): the exact gradient and the paper's update "
+             "rules, in pairs of rows, same samples")):
+        if all(key in results[mode] for key in keys for mode in UPDATES):
+            exact_vs_paper_figure(results, fig, out / f"{fig}_exact_vs_paper.png", title)
+            written.append(out / f"{fig}_exact_vs_paper.png")
+    return written
+
+
+def write_figures(figs, out, mode):
+    """The figures of one update rule: file names suffixed ``_paper`` for the paper's rules."""
+    suffix, note = ("", "") if mode == "exact" else ("_" + mode, ", with the paper's update rules")
+    if "fig2" in figs:
+        eigenvalue_figure(figs["fig2"], out / f"fig2_eigenvalues{suffix}.png",
+                          f"Fig. 2 (bottom): linear network, N=15, M=10{note}")
+        trajectory_figure(figs["trajectories"], out / f"fig2_trajectories{suffix}.png",
+                          f"Fig. 2 (top): embeddings $Wx$ of 20 fixed inputs during training (M=2, N=6){note}; dots: final")
+    if "fig6" in figs:
+        eigenvalue_figure(figs["fig6"], out / f"fig6_relu{suffix}.png",
+                          f"Fig. 6: as Fig. 2 with a ReLU on the embeddings{note}")
+        trajectory_figure(figs["fig6_trajectories"], out / f"fig6_trajectories{suffix}.png",
+                          f"Fig. 6 (top): embeddings ReLU($Wx$) of 20 fixed inputs (M=2, N=6){note}; dots: final")
+    if "fig5" in figs:
+        fig5_figure(figs["fig5"], out / f"fig5_initializations{suffix}.png", "Fig. 5: Euclidean eigenvalues all "
+                    f"converge to 1, cosine ones to a common, initialisation-dependent value{note}")
+
+
+def results_json(cfg, figs, seconds, mode):
     def entry(run):
         return {"steps": run.out["steps"], "eigenvalues": run.out["eigenvalues"], "theory": run.out["theory"]}
-    out = {"config": cfg, "seconds": seconds}
-    for name in ("fig2", "fig6"):
+    out = {"config": dict(cfg, updates=mode), "seconds": seconds}
+    for name in ("fig2", "fig6", "trajectories", "fig6_trajectories"):
         if name in figs:
             out[name] = {s: entry(r) for s, r in figs[name].items()}
     if "fig5" in figs:
@@ -460,7 +714,7 @@ def results_json(cfg, figs, seconds):
 def summary(name, run):
     """One line: final eigenvalues' range and, with a theory curve, the largest relative deviation."""
     final = run.out["eigenvalues"][-1]
-    line = f"{name:<22} final eigenvalues min {min(final):10.4g}  max {max(final):10.4g}"
+    line = f"{name:<30} final eigenvalues min {min(final):10.4g}  max {max(final):10.4g}"
     if run.out["theory"] is not None:
         line += f"   max rel. deviation from theory {100 * max_deviation(run.out['eigenvalues'], run.out['theory']):.2f}%"
     return line
@@ -484,7 +738,7 @@ def bench(cfg, workers, part=20, repeats=3, steps=5):
             times.append((time.perf_counter() - start) / steps)
         return sorted(times)[len(times) // 2]
 
-    jobs = build_jobs(cfg, build_runs(cfg))
+    jobs = longest_first(build_jobs(cfg, build_runs(cfg)))
     plain = sum(job.steps * per_step(Run(r.setting, r.W0, r.lr, r.relu, exact_moments=False))
                 for job in jobs for r in job.runs)
     short = [Job(j.name, j.runs, j.steps // part, j.samples, j.seed, j.antithetic) for j in jobs]
@@ -494,8 +748,8 @@ def bench(cfg, workers, part=20, repeats=3, steps=5):
         free[free.index(min(free))] += sec
     print(f"plain per-sample loop, one setting at a time: {plain:7.0f} s (projected full run)")
     for job, sec in zip(jobs, job_seconds):
-        print(f"  toy job {job.name:<18} {len(job.runs):2d} runs x {job.steps:6d} steps: {sec:5.0f} s")
-    print(f"toy, {len(free)} process(es):                    {max(free):7.0f} s (projected full run)")
+        print(f"  toy job {job.name:<28} {len(job.runs):2d} runs x {job.steps:6d} steps: {sec:5.0f} s")
+    print(f"toy, {len(free)} process(es):                              {max(free):7.0f} s (projected full run)")
     print(f"ratio: {plain / max(free):.0f}x")
     return plain, max(free)
 
@@ -514,6 +768,9 @@ def parse_args(argv=None):
     p.add_argument("--nopred-samples", type=int, help="samples per step of the sample-based no-predictor "
                    f"panels (default {DEFAULTS['nopred_samples']})")
     p.add_argument("--only", choices=("fig2", "fig5", "fig6"), help="run one figure only")
+    p.add_argument("--updates", choices=(*UPDATES, "both"), default="exact",
+                   help="exact: autograd through isoloss.py (default); paper: the paper's hand-written rules, "
+                   "outputs suffixed _paper; both: both, plus fig2/fig6_exact_vs_paper.png")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="parallel processes, one thread each (default: the number of CPUs)")
     p.add_argument("--quick", action="store_true", help="small sample and step counts: seconds, for tests")
@@ -540,23 +797,21 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    figs, seconds = run_all(cfg, args.only, args.jobs)
-    for name in ("fig2", "fig6"):
-        for s, r in figs.get(name, {}).items():
-            print(summary(f"{name} {s}", r))
-    for loss, rs in figs.get("fig5", {}).items():
-        for i, r in enumerate(rs):
-            print(summary(f"fig5 {loss} init {i}", r))
-    if "fig2" in figs:
-        eigenvalue_figure(figs["fig2"], out / "fig2_eigenvalues.png", "Fig. 2 (bottom): linear network, N=15, M=10")
-        trajectory_figure(figs["trajectories"], out / "fig2_trajectories.png")
-    if "fig6" in figs:
-        eigenvalue_figure(figs["fig6"], out / "fig6_relu.png", "Fig. 6: as Fig. 2 with a ReLU on the embeddings")
-    if "fig5" in figs:
-        fig5_figure(figs["fig5"], out / "fig5_initializations.png")
-    seconds["total"] = round(time.perf_counter() - start, 2)
-    (out / "toy_results.json").write_text(json.dumps(results_json(cfg, figs, seconds)))
-    print(f"wrote {out}/ in {seconds['total']:.1f} s")
+    modes = UPDATES if args.updates == "both" else (args.updates,)
+    figs, seconds = run_all(cfg, args.only, args.jobs, modes)
+    for mode in modes:
+        for name in ("fig2", "fig6", "trajectories", "fig6_trajectories"):
+            for s, r in figs[mode].get(name, {}).items():
+                print(summary(f"{PREFIX[mode]}{name} {s}", r))
+        for loss, rs in figs[mode].get("fig5", {}).items():
+            for i, r in enumerate(rs):
+                print(summary(f"{PREFIX[mode]}fig5 {loss} init {i}", r))
+        write_figures(figs[mode], out, mode)
+    total = round(time.perf_counter() - start, 2)        # of the whole command (both modes with "both")
+    for mode in modes:
+        (out / RESULTS[mode]).write_text(json.dumps(results_json(cfg, figs[mode], dict(seconds[mode], total=total), mode)))
+    comparison_figures(out)
+    print(f"wrote {out}/ in {total:.1f} s")
     return figs
 
 
