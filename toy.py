@@ -1,7 +1,7 @@
 """Linear-network experiments of Sec. 3: Figs. 2, 5, 6 and every row of Table 1,
 with the theory's predictions drawn beside the simulation.
 
-    python toy.py                   # all figures into figures/, 3.5 to 5.5 min on 2 CPU cores
+    python toy.py                   # all figures into figures/, 3.5 to 5 min on 2 CPU cores
     python toy.py --updates paper   # the same figures with the paper's hand-written rules (*_paper.png), ~33 min
     python toy.py --updates both    # both; either way, once figures/ holds both modes' results,
                                     # also fig2_exact_vs_paper.png and fig6_exact_vs_paper.png
@@ -287,7 +287,7 @@ def eigenvalues(W):
 
 def embed(x, W, relu):
     """z = W x for rows of x (B, N) -> (B, M), with an optional ReLU (Fig. 6)."""
-    z = x @ W.T
+    z = (W @ x.T).T.contiguous()         # = x @ W.T; this order runs the 50,000-sample jobs 15-20% faster here (MKL)
     return z.relu() if relu else z
 
 
@@ -746,10 +746,10 @@ def bench(cfg, workers, part=20, repeats=3, steps=5):
     free = [0.0] * min(workers, len(jobs))          # when each worker is free again
     for sec in job_seconds:
         free[free.index(min(free))] += sec
-    print(f"plain per-sample loop, one setting at a time: {plain:7.0f} s (projected full run)")
+    print(f"{'plain per-sample loop, one setting at a time:':<62}{plain:7.0f} s (projected full run)")
     for job, sec in zip(jobs, job_seconds):
-        print(f"  toy job {job.name:<28} {len(job.runs):2d} runs x {job.steps:6d} steps: {sec:5.0f} s")
-    print(f"toy, {len(free)} process(es):                              {max(free):7.0f} s (projected full run)")
+        print(f"{f'  toy job {job.name}':<38}{len(job.runs):2d} runs x {job.steps:6d} steps:{sec:8.0f} s")
+    print(f"{f'toy, {len(free)} process(es):':<62}{max(free):7.0f} s (projected full run)")
     print(f"ratio: {plain / max(free):.0f}x")
     return plain, max(free)
 
