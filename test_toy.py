@@ -483,3 +483,18 @@ def test_default_initial_condition_is_the_notebooks():
     W0 = toy.initial_weights(toy.DEFAULTS, 10, 15)
     torch.manual_seed(2)
     assert torch.equal(W0, torch.randn(10, 15) / 4)
+
+
+def test_bench_projects_every_job_and_packs_them_on_the_workers():
+    """--bench --quick: one line per job of the full run, and the toy's projection is a packing of
+    those jobs on the workers (at least the longest job, at most their sum)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        plain, packed = toy.main(["--bench", "--quick", "--jobs", "2"])
+    lines = [line for line in printed.getvalue().splitlines() if line.startswith("  toy job ")]
+    cfg = dict(toy.DEFAULTS, **toy.QUICK)
+    names = sorted(job.name for job in toy.build_jobs(cfg, toy.build_runs(cfg)))
+    assert sorted(line[len("  toy job "):].split("  ")[0].strip() for line in lines) == names
+    seconds = [float(line.rsplit(":", 1)[1].split()[0]) for line in lines]
+    assert max(seconds) - 1 <= packed <= sum(seconds) + len(seconds) and plain > 0
+    assert f"ratio: {plain / packed:.0f}x" in printed.getvalue()
