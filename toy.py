@@ -74,7 +74,8 @@ Each shortcut is used only where it stays exact for the update rule in use:
   5% dearer where none is). It is the paper mode's bottleneck: README.md.
 - The jobs run in parallel processes of one thread each (``--jobs``): the
   toy's tensors are too small for threads to pay, processes do. Each job has
-  its own seeds, so ``--only``, ``--jobs`` and ``--updates`` leave the results
+  fixed seeds (the two halves of a split job share theirs, so they see the same
+  samples), so ``--only``, ``--jobs`` and ``--updates`` leave the results
   unchanged (up to float round-off: thread counts change summation order).
 
 Departures from the notebook in the default mode: autograd gives the exact
