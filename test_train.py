@@ -3,6 +3,8 @@
 torchvision checks the md5 sums of the CIFAR and STL-10 files; the `no_md5` fixture lets the generated
 files through for the tests (train.py itself never skips that check: see test_md5_check_is_kept).
 """
+import copy
+import datetime
 import json
 import math
 import os
@@ -333,27 +335,73 @@ def test_probe_ignores_unlabelled_images():
     assert train.probe_loss(logits, torch.tensor([-1, -1])).item() == 0.0   # not NaN
 
 
-def test_lars_matches_formula_and_sgd():
-    torch.manual_seed(2)
-    w, b = torch.randn(5, 3, requires_grad=True), torch.randn(5, requires_grad=True)
-    w_ref, b_ref = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
-    opt = train.LARS([dict(params=[w], weight_decay=1e-2), dict(params=[b], weight_decay=0.0, lars=False)],
-                     lr=0.5, momentum=0.9, eta=0.02)
-    sgd = torch.optim.SGD([b_ref], lr=0.5, momentum=0.9)
-    buf = None
-    for _ in range(3):
-        for t in (w, b, b_ref):
-            t.grad = None
-        g = torch.randn(5, 3)
-        w.grad, b.grad, b_ref.grad = g.clone(), g[:, 0].clone(), g[:, 0].clone()
-        w0 = w.detach().clone()
-        r = min(0.02 * w0.norm() / (g.norm() + 1e-2 * w0.norm()) / 0.5, 1.0)    # clipped trust ratio
-        d = r * (g + 1e-2 * w0)
-        buf = d if buf is None else 0.9 * buf + d
+def reference_update(named, grads, bufs, lr, probe_lr, wd, lars, eta=0.02, momentum=0.9):
+    """One step of the reference code's optimiser written per tensor from its rule, in plain Python floats
+    for the ratios. Groups: the probe (lr probe_lr, no weight decay), everything else (lr, wd). LARS
+    (clip_lr, exclude_bias_n_norm): a 1-D tensor takes its gradient alone; any other tensor whose weight
+    and gradient norms are both non-zero takes r (g + wd w), r = min(eta |w| / (|g| + wd |w| + 1e-8) / lr,
+    1), else its gradient alone. Biases and norms have no weight decay under LARS (exclude_bias_n_norm_wd).
+    SGD: g + wd w everywhere. Then buf <- momentum buf + d (buf = d at first), w <- w - lr buf.
+    Returns the new weights and the clipped trust ratio of every tensor it scaled."""
+    new, ratios = {}, {}
+    for name, w in named.items():
+        g = grads[name]
+        lr_t, wd_t = (probe_lr, 0.0) if name.startswith("probe.") else (lr, wd)
+        if lars and w.ndim == 1:
+            d = g
+        elif lars:
+            w_norm, g_norm = math.sqrt(float((w * w).sum())), math.sqrt(float((g * g).sum()))
+            if w_norm != 0 and g_norm != 0:
+                r = min(eta * w_norm / (g_norm + w_norm * wd_t + 1e-8) / lr_t, 1.0)
+                d, ratios[name] = (g + wd_t * w) * r, r
+            else:
+                d = g
+        else:
+            d = g + wd_t * w
+        bufs[name] = d.clone() if name not in bufs else momentum * bufs[name] + d
+        new[name] = w - lr_t * bufs[name]
+    return new, ratios
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_optimizer_follows_the_reference_rule_per_tensor(optimizer):
+    """build_optimizer + LARS against `reference_update` on a small ResNet (conv weights, biases, BatchNorm,
+    projector, probe) in float64 over four steps with changing lr: a tensor with an exactly zero gradient,
+    one with zero weights, and the probe's weight with a trust ratio below 1 after the clip."""
+    cfg = config(["--dataset=cifar10", "--proj-hidden=8", "--proj-dim=4", "--batch-size=64",
+                  f"--optimizer={optimizer}", "--wd=1e-2"])
+    train.schedule(cfg, 10)
+    torch.manual_seed(0)
+    model, _ = train.build_model(cfg, 10)
+    model.double()
+    with torch.no_grad():
+        model.encoder.projector[3].weight.zero_()                 # a zero weight norm
+    opt = train.build_optimizer(model, cfg)
+    named = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bufs, ratios = {}, {}
+    g = torch.Generator().manual_seed(1)
+    for step in (0, 3, 11, 40):
+        lr = train.set_lr(opt, step, cfg)
+        probe_lr = opt.param_groups[2]["lr"]
+        grads = {}
+        for i, (n, p) in enumerate(model.named_parameters()):
+            scale = 100.0 if n.startswith("probe.") else 10.0 ** (i % 5 - 3)   # clipped and unclipped ratios
+            p.grad = scale * torch.randn(p.shape, generator=g, dtype=torch.float64)
+            grads[n] = p.grad.clone()
+        model.encoder.backbone.conv1.weight.grad.zero_()            # an exactly zero gradient
+        grads["encoder.backbone.conv1.weight"].zero_()
+        named, r = reference_update(named, grads, bufs, lr, probe_lr, cfg.wd, optimizer == "lars")
+        ratios.update(r)
+        first = r if step == 0 else first
         opt.step()
-        sgd.step()
-        assert torch.allclose(w.detach(), w0 - 0.5 * buf, atol=1e-6)
-        assert torch.allclose(b, b_ref)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), named[n], atol=1e-12, rtol=1e-12, msg=n)
+    if optimizer == "lars":
+        assert ratios["probe.weight"] < 1 and "probe.bias" not in ratios
+        assert max(ratios.values()) == 1.0 and min(ratios.values()) < 1e-2
+        assert "encoder.backbone.conv1.weight" not in ratios and "encoder.projector.3.weight" not in first
+    else:
+        assert not ratios
 
 
 def test_param_groups_exclude_biases_norms_and_probe():
@@ -363,7 +411,7 @@ def test_param_groups_exclude_biases_norms_and_probe():
     assert weights["lars"] and weights["weight_decay"] == 1e-4 and weights["base_lr"] == 2.0
     assert not bias_norm["lars"] and bias_norm["weight_decay"] == 0.0
     assert all(p.ndim == 1 for p in bias_norm["params"]) and all(p.ndim > 1 for p in weights["params"])
-    assert not probe["lars"] and probe["weight_decay"] == 0.0 and probe["base_lr"] == 0.2
+    assert probe["lars"] and probe["weight_decay"] == 0.0 and probe["base_lr"] == 0.2   # as the reference
     assert len(probe["params"]) == 2
     sgd = config(["--dataset=cifar10", "--no-ema", "--predictor=mlp", "--loss=cos"])
     assert (sgd.optimizer, sgd.lr, sgd.wd, sgd.tau) == ("sgd", 0.1, 1e-5, 0.5)
@@ -380,12 +428,32 @@ def test_schedules():
     train.schedule(cfg, 10)
     assert (cfg.total_steps, cfg.warmup_steps) == (10_000, 100)     # 10 of 1000 epochs (App. D)
     assert train.lr_at(0, 1.0, cfg) == pytest.approx(3e-5)
-    assert train.lr_at(50, 1.0, cfg) == pytest.approx((3e-5 + 1) / 2)
-    assert train.lr_at(100, 1.0, cfg) == pytest.approx(1.0)
+    assert train.lr_at(99, 1.0, cfg) == pytest.approx(1.0) and train.lr_at(100, 1.0, cfg) == 1.0  # w - 1: base
+    assert train.lr_at(50, 1.0, cfg) == pytest.approx(3e-5 + (1 - 3e-5) * 50 / 99)
     assert train.lr_at(5050, 1.0, cfg) == pytest.approx(0.5)
     assert train.lr_at(9999, 1.0, cfg) < 1e-6
     assert train.ema_at(0, cfg) == pytest.approx(0.99) and train.ema_at(5000, cfg) == pytest.approx(0.995)
     assert train.ema_at(10_000, cfg) == pytest.approx(1.0)
+
+
+def test_schedule_follows_the_reference_schedulers_recursion():
+    """lr_at against the chainable form of the reference code's LinearWarmupCosineAnnealingLR: warm-up steps
+    of (base - start) / (w - 1), base at steps w - 1 and w, then each lr the previous one times the ratio
+    of consecutive cosine factors (eta_min 0). A 50-step warm-up in a 200-step run."""
+    cfg = config(["--dataset=cifar10", "--epochs=4", "--warmup-epochs=1"])
+    train.schedule(cfg, 50)
+    w, T, base, start = 50, 200, 0.7, cfg.warmup_start_lr
+    lr = [start]
+    for k in range(1, T):
+        if k < w:
+            lr.append(lr[-1] + (base - start) / (w - 1))
+        elif k == w:
+            lr.append(base)
+        else:
+            lr.append(lr[-1] * (1 + math.cos(math.pi * (k - w) / (T - w)))
+                      / (1 + math.cos(math.pi * (k - w - 1) / (T - w))))
+    assert [train.lr_at(k, base, cfg) for k in range(T)] == pytest.approx(lr, rel=1e-12, abs=1e-15)
+    assert train.lr_at(w - 1, base, cfg) == pytest.approx(base)
 
 
 def test_warmup_rule_short_runs_warm_up_too():
@@ -394,6 +462,7 @@ def test_warmup_rule_short_runs_warm_up_too():
     assert warmup_steps(["--epochs=8"], 234) == 468                   # a quarter: 2 of 8 epochs
     assert warmup_steps(["--epochs=1"], 2) == 1                       # never zero by default
     assert warmup_steps(["--epochs=8", "--warmup-epochs=0.5"], 234) == 117
+    assert warmup_steps(["--epochs=8", "--warmup-epochs=0.3"], 234) == 71          # 70.2, rounded up
     assert warmup_steps(["--epochs=8", "--warmup-epochs=0"], 234) == 0
 
 
@@ -428,6 +497,23 @@ RUNS = [  # (dataset, extra flags): together every dataset, predictor, loss, EMA
 ]
 
 
+def probe_accuracy_by_hand(out):
+    """Top-1 (%) of the saved probe on the saved backbone's features of each evaluation image alone (batches
+    of one, eval mode), from config.json and last.pt."""
+    cfg = types.SimpleNamespace(**json.loads((out / "config.json").read_text()))
+    state = torch.load(out / "last.pt", weights_only=True)
+    model = train.Model(cfg, len(state["model"]["probe.bias"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    _, val, _ = train.load_datasets(cfg, None, train.eval_transform(cfg))
+    hits = 0
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=cfg.amp is not None):
+        for i in range(len(val)):
+            x, y = val[i]
+            hits += int(model.probe(model.encoder.backbone(x[None]).float()).argmax() == y)
+    return 100 * hits / len(val)
+
+
 @pytest.mark.parametrize("dataset, extra", RUNS, ids=[" ".join([d, *e]) for d, e in RUNS])
 def test_short_run_writes_outputs(tmp_path, no_md5, dataset, extra):
     out, row = run(tmp_path, dataset, *extra)
@@ -436,7 +522,8 @@ def test_short_run_writes_outputs(tmp_path, no_md5, dataset, extra):
     assert cfg["optimizer"] == ("sgd" if "--no-ema" in extra else "lars")
     (line,) = read_metrics(out)
     assert {"epoch", "step", "loss", "acc1", "lr", "seconds"} <= set(line) and line == row
-    assert (line["epoch"], line["step"]) == (1, 2) and np.isfinite(line["loss"]) and 0 <= line["acc1"] <= 100
+    assert (line["epoch"], line["step"]) == (1, 2) and np.isfinite(line["loss"])
+    assert line["acc1"] == pytest.approx(probe_accuracy_by_hand(out), rel=1e-6)
     state = torch.load(out / "last.pt", weights_only=True)
     assert {"model", "target", "optimizer", "epoch", "step", "rng", "config"} <= set(state)
     assert (state["target"] is None) == ("--no-ema" in extra)
@@ -446,13 +533,131 @@ def test_short_run_writes_outputs(tmp_path, no_md5, dataset, extra):
         assert torch.allclose(C, C.T) and not C.requires_grad
 
 
-def test_limit_and_training_changes_weights(tmp_path, no_md5):
-    """--limit 12 at batch 4 is 3 steps; the EMA target trails the online network."""
-    out, _ = run(tmp_path, "cifar10", "--limit", "12")
-    state = torch.load(out / "last.pt", weights_only=True)
-    assert state["step"] == 3
-    w, w_t = state["model"]["encoder.projector.3.weight"], state["target"]["projector.3.weight"]
-    assert not torch.equal(w, w_t)
+# -----------------------------------------------------------------------------
+# The training loop's wiring: EMA target, probe, modes, AMP, order and augmentation seeds
+# -----------------------------------------------------------------------------
+
+ORIGINALS = train.train_step, train.batch_two_views       # the functions traced_run wraps
+
+
+def traced_run(tmp_path, monkeypatch, *extra, out):
+    """A 2-epoch run (8 images, batch 4: 4 steps) recording, for every training step: the target momentum m
+    it was given, the target's and the online encoder's parameters before and after, the labels, view 1,
+    whether the target ran in training mode and the backbone's activation dtype; and the seed of the
+    augmentation generator of each batch (--gpu-aug)."""
+    steps, seeds, (step, views) = [], [], ORIGINALS
+
+    def params(module):
+        return [p.detach().clone() for p in module.parameters()]
+
+    def record(run_, x1, x2, y, cfg, m):
+        seen = {}
+        def note(key, value):                   # a hook that returns None changes nothing
+            seen.setdefault(key, value)
+        hooks = [run_.target.register_forward_pre_hook(lambda mod, i: note("target_train", mod.training)),
+                 run_.model.encoder.backbone.layer1.register_forward_hook(lambda mod, i, o: note("dtype", o.dtype))]
+        before = params(run_.target)
+        result = step(run_, x1, x2, y, cfg, m)
+        for h in hooks:
+            h.remove()
+        steps.append(dict(m=m, step=run_.step, target_before=before, target_after=params(run_.target),
+                          online_after=params(run_.model.encoder), y=y.clone(), x1=x1.clone(), **seen))
+        return result
+
+    def record_seed(x, size, mean, std, blur, generator=None):
+        seeds.append(generator.initial_seed())
+        return views(x, size, mean, std, blur, generator)
+    monkeypatch.setattr(train, "train_step", record)
+    monkeypatch.setattr(train, "batch_two_views", record_seed)
+    out, _ = run(tmp_path, "cifar10", "--epochs=2", "--gpu-aug", *extra, out=out)
+    return steps, seeds
+
+
+@pytest.fixture
+def traced(tmp_path, no_md5, monkeypatch):
+    return traced_run(tmp_path, monkeypatch, "--amp", out="a")
+
+
+def test_target_is_the_ema_of_the_online_encoder_with_the_scheduled_momentum(traced):
+    """xi <- m xi + (1 - m) theta after every step, m = 1 - (1 - 0.99) (cos(pi k / K) + 1) / 2 (BYOL, App. D),
+    written out here; the target runs in training mode (batch statistics, as BYOL's)."""
+    steps, _ = traced
+    K = len(steps)
+    for k, s in enumerate(steps):
+        m = 1 - (1 - 0.99) * (math.cos(math.pi * k / K) + 1) / 2
+        assert s["m"] == pytest.approx(m, rel=1e-12) and s["target_train"] is True
+        for xi, xi_new, theta in zip(s["target_before"], s["target_after"], s["online_after"]):
+            torch.testing.assert_close(xi_new, m * xi + (1 - m) * theta, atol=1e-6, rtol=1e-5)
+    assert not all(torch.equal(a, b) for a, b in zip(steps[-1]["target_after"], steps[-1]["online_after"]))
+
+
+def test_amp_runs_the_backbone_in_bf16_and_plain_runs_in_float32(traced, tmp_path, monkeypatch):
+    assert {s["dtype"] for s in traced[0]} == {torch.bfloat16}
+    plain, _ = traced_run(tmp_path, monkeypatch, out="plain")
+    assert {s["dtype"] for s in plain} == {torch.float32}
+
+
+def test_each_epoch_reshuffles_and_draws_new_views_reproducibly(traced, tmp_path, monkeypatch):
+    """The order of epoch e is DistributedSampler's: randperm(N) seeded with seed + e (written out here);
+    each epoch's augmentation stream has its own seed; a second run repeats the views bit for bit."""
+    steps, seeds = traced
+    written = write_cifar(str(tmp_path / "labels"))              # the same files as the run's (fixed seeds)
+    labels = torch.tensor(written["data_batch_1"][1] + written["data_batch_2"][1])      # its 8 images
+    for epoch in (0, 1):
+        order = torch.randperm(8, generator=torch.Generator().manual_seed(0 + epoch))
+        got = torch.cat([s["y"] for s in steps[2 * epoch:2 * epoch + 2]])
+        assert torch.equal(got, labels[order]), epoch
+    assert not torch.equal(torch.randperm(8, generator=torch.Generator().manual_seed(0)),
+                           torch.randperm(8, generator=torch.Generator().manual_seed(1)))
+    assert len(seeds) == 4 and seeds[0] == seeds[1] != seeds[2] == seeds[3]      # one stream per epoch
+    again, seeds_again = traced_run(tmp_path, monkeypatch, "--amp", out="again")
+    assert seeds_again == seeds
+    assert all(torch.equal(s["x1"], t["x1"]) for s, t in zip(steps, again))
+    assert not torch.equal(steps[0]["x1"], steps[2]["x1"])
+
+
+def test_probe_learns_from_detached_features_and_its_loss_alone(tmp_path, no_md5):
+    """After one training step the probe's gradient is that of its cross-entropy alone, computed here on a
+    copy of the network before the step; the backbone's is that of the SSL loss alone (the probe's input
+    is detached), and the SSL loss gives the probe nothing."""
+    write_cifar(str(tmp_path))
+    cfg = config(["--dataset=cifar10", f"--data-dir={tmp_path}", "--image-size=16", *SMALL, "--limit=8"])
+    run_, loaders = train.setup(cfg)
+    (x1, x2), y = next(iter(loaders.train))
+    model, target = copy.deepcopy(run_.model), copy.deepcopy(run_.target)
+    train.set_lr(run_.opt, 0, cfg)
+    train.train_step(run_, x1, x2, y, cfg, 0.99)
+    h = torch.cat([model.encoder.backbone(x1), model.encoder.backbone(x2)])
+    probe = torch.autograd.grad(F.cross_entropy(model.probe(h.detach()), torch.cat([y, y])),
+                                list(model.probe.parameters()))
+    for g, p in zip(probe, run_.model.probe.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    model.zero_grad()
+    z1, z2, p1, p2, _ = model(x1, x2)
+    with torch.no_grad():
+        z1_t, z2_t = target(x1)[1], target(x2)[1]
+    train.ssl_loss(model, z1, z2, p1, p2, z1_t, z2_t, cfg).backward()
+    for (n, p), q in zip(run_.model.encoder.named_parameters(), model.encoder.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=n)
+    assert all(p.grad is None for p in model.probe.parameters())
+
+
+def test_evaluation_features_do_not_depend_on_the_rest_of_the_batch(tmp_path, no_md5):
+    """Eval mode: an image's features are the same in batches of 1, 3 and 4 (batch statistics would mix
+    them), evaluation leaves BatchNorm's running statistics and C alone, and training mode comes back."""
+    write_cifar(str(tmp_path))
+    cfg = config(["--dataset=cifar10", f"--data-dir={tmp_path}", "--image-size=16", *SMALL, "--limit=8"])
+    run_, loaders = train.setup(cfg)
+    run_.model.predictor.C.fill_(0.5)
+    for (x1, x2), y in loaders.train:                     # running statistics away from their initial values
+        train.train_step(run_, x1, x2, y, cfg, 0.99)
+    state = copy.deepcopy(run_.model.state_dict())
+    feats = [train.features(run_.model, torch.utils.data.DataLoader(loaders.eval.dataset, batch_size=b), cfg)[0]
+             for b in (1, 3, 4)]
+    for f in feats[1:]:
+        torch.testing.assert_close(f, feats[0], atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(v, run_.model.state_dict()[k]) for k, v in state.items())
+    assert run_.model.training and all(m.training for m in run_.model.modules())
 
 
 def test_eval_does_not_move_C(tmp_path, no_md5):
@@ -464,12 +669,15 @@ def test_eval_does_not_move_C(tmp_path, no_md5):
     assert torch.equal(run_.model.predictor.C, torch.full((16, 16), 0.5))
 
 
-def test_resume_continues_from_saved_epoch(tmp_path, no_md5):
-    out, _ = run(tmp_path, "cifar10", "--epochs", "2")
-    out, row = run(tmp_path, "cifar10", "--epochs", "3", "--resume", "auto")
-    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3] and (row["epoch"], row["step"]) == (3, 6)
+def test_resume_continues_from_saved_epoch_and_evaluates_when_due(tmp_path, no_md5):
+    """--eval-every 2: the probe is evaluated at epochs 2 and 3 (the last of the first run), and after
+    resuming at 4 (a multiple of 2, and the last); not at 1."""
+    out, _ = run(tmp_path, "cifar10", "--epochs", "3", "--eval-every", "2")
+    out, row = run(tmp_path, "cifar10", "--epochs", "4", "--resume", "auto", "--eval-every", "2")
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3, 4] and (row["epoch"], row["step"]) == (4, 8)
+    assert [m["acc1"] is None for m in read_metrics(out)] == [True, False, False, False]
     state = torch.load(out / "last.pt", weights_only=True)
-    assert (state["epoch"], state["step"], state["config"]["epochs"]) == (3, 6, 3)
+    assert (state["epoch"], state["step"], state["config"]["epochs"]) == (4, 8, 4)
 
 
 @pytest.mark.parametrize("dataset, extra", [("cifar10", []), ("cifar10", ["--gpu-aug"]),
@@ -579,7 +787,22 @@ def test_knn_accuracy_against_a_naive_loop():
 def test_knn_monitor_in_metrics_uses_labelled_training_images(tmp_path, no_md5):
     """--knn: knn_acc1 at each evaluation; STL-10's bank holds only the labelled images."""
     out, row = run(tmp_path, "stl10", "--knn", "--limit=16", "--predictor=mlp", "--loss=cos")
-    assert 0 <= row["knn_acc1"] <= 100 and read_metrics(out)[0]["knn_acc1"] == row["knn_acc1"]
+    assert read_metrics(out)[0]["knn_acc1"] == row["knn_acc1"]
+    cfg = types.SimpleNamespace(**json.loads((out / "config.json").read_text()))
+    model = train.Model(cfg, 10)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    model.eval()
+    train_set, val, _ = train.load_datasets(cfg, train.eval_transform(cfg), train.eval_transform(cfg))
+    with torch.no_grad():                                          # one image at a time, a naive vote
+        bank = [(F.normalize(model.encoder.backbone(x[None]), dim=1)[0], y)
+                for x, y in (train_set[i] for i in range(16)) if y >= 0]
+        hits = 0
+        for x, y in (val[i] for i in range(len(val))):
+            h = F.normalize(model.encoder.backbone(x[None]), dim=1)[0]
+            nearest = sorted(((float(h @ b), c) for b, c in bank), reverse=True)[:20]
+            votes = [sum(math.exp(s / 0.07) for s, c in nearest if c == k) for k in range(10)]
+            hits += max(range(10), key=votes.__getitem__) == y
+    assert len(bank) == 8 and row["knn_acc1"] == pytest.approx(100 * hits / len(val))
     cfg = config(["--dataset=stl10", f"--data-dir={tmp_path / 'data'}", "--knn=3", "--limit=12", *SMALL])
     loaders, _ = train.build_data(cfg)
     assert list(loaders.bank.dataset.indices) == list(range(8))   # train+unlabeled: 8 labelled first
@@ -631,18 +854,31 @@ def test_images_on_the_device_are_the_datasets_images(tmp_path, no_md5, dataset)
         torch.testing.assert_close(x_dev, x_cpu, rtol=0, atol=1e-5)
 
 
-def test_bench_runs_on_the_cpu_and_writes_its_table(tmp_path):
+def forward_flops_per_image(cfg):
+    """Multiply-adds x 2 of every Conv2d and Linear of the encoder, from their output shapes (one image)."""
+    model, flops = train.Encoder(cfg), []
+
+    def count(m, i, o):
+        fan_in = m.in_features if isinstance(m, torch.nn.Linear) else m.in_channels * math.prod(m.kernel_size)
+        flops.append(2 * o[0].numel() * fan_in)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(count)
+    model(torch.randn(2, 3, cfg.image_size, cfg.image_size))
+    return sum(flops)
+
+
+def test_bench_runs_on_the_cpu_and_counts_the_steps_flops(tmp_path):
+    """bench.json as returned; the step's FLOPs per image are about 8 encoder forward passes: for each of
+    the two views a forward and a backward (twice a forward), and the EMA target's forward."""
     out = tmp_path / "bench"
-    result = train.main(["--dataset=cifar10", "--bench", f"--out={out}", "--batch-size=8", "--proj-hidden=32",
-                         "--proj-dim=16", "--workers=0", "--device=cpu", "--image-size=16"])
+    argv = ["--dataset=cifar10", "--batch-size=8", "--proj-hidden=32", "--proj-dim=16", "--workers=0",
+            "--device=cpu", "--image-size=16"]
+    result = train.main([*argv, "--bench", f"--out={out}"])
     saved = json.loads((out / "bench.json").read_text())
-    assert saved.keys() == result.keys() and saved["step_ms"] == pytest.approx(result["step_ms"])
-    for key in ("per_image_ips", "batched_ips", "aug_speedup", "step_over_floor", "gflop_per_image"):
-        assert saved[key] > 0
-    assert saved["aug_speedup"] == pytest.approx(saved["batched_ips"] / saved["per_image_ips"])
-    parts = saved["step_ms"]
-    assert parts["forward_backward"] == pytest.approx(parts["step"] - parts["C_update_and_eigh"]
-                                                      - parts["optimiser"] - parts["ema"])
+    assert saved == json.loads(json.dumps(result))
+    assert saved["gflop_per_image"] * 1e9 / forward_flops_per_image(config(argv)) == pytest.approx(8, rel=0.02)
+    assert all(v > 0 for v in (saved["per_image_ips"], saved["batched_ips"], saved["peak_tflops"]))
     assert {"cpu float32", "cpu float64"} <= set(saved["eigh_ms"])
 
 
@@ -652,6 +888,9 @@ def test_bench_runs_on_the_cpu_and_writes_its_table(tmp_path):
 
 DDP_FLAGS = ["--dataset=cifar10", "--image-size=16", "--proj-hidden=32", "--proj-dim=16", "--batch-size=8",
              "--workers=0", "--log-every=1", "--device=cpu", "--limit=16"]
+
+
+DDP_TIMEOUT = datetime.timedelta(seconds=60)     # per collective; gloo's default is 30 minutes
 
 
 def fixed_batch():
@@ -670,16 +909,24 @@ def steps_on_fixed_tensors(cfg, rank=0, world=1, steps=2):
     return dict(model=run_.model.state_dict(), target=run_.target.state_dict())
 
 
-def ddp_worker(rank, world, port, data, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def ddp_worker(rank, world, data, out):
+    """One torchrun process. The process group meets through a file (no port to race for) and every
+    collective times out after DDP_TIMEOUT: a rank left waiting alone fails the test instead of hanging.
+    train.init_distributed then finds the group joined."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
+                                         world_size=world, timeout=DDP_TIMEOUT)
     cfg = train.get_config([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/unused"])
     train.init_distributed(cfg)
     torch.save(steps_on_fixed_tensors(cfg, rank, world), f"{out}/rank{rank}.pt")
+    seeds, views = [], train.batch_two_views                     # each rank's augmentation seeds (--gpu-aug)
+    train.batch_two_views = lambda x, *a: seeds.append(a[-1].initial_seed()) or views(x, *a)
     train.main([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/run", "--epochs=1", "--gpu-aug"])  # the loop,
     train.main([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/run", "--epochs=2", "--resume=auto"])  # resumed
+    train.batch_two_views = views
+    (out / f"seeds{rank}.json").write_text(json.dumps(seeds))
     torch.distributed.destroy_process_group()
 
 
@@ -687,13 +934,9 @@ def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, no_md5):
     """torchrun's setting on 2 CPU processes (gloo): DDP, synchronised BatchNorm, C averaged over the
     processes. Both hold the same parameters and C, equal to one process's after the same steps on the
     whole batch; the loop runs (with either data pipeline), rank 0 alone writes, and --resume continues."""
-    import socket
     import torch.multiprocessing as mp
     write_cifar(str(tmp_path / "data"), per_batch=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(ddp_worker, args=(2, port, str(tmp_path / "data"), str(tmp_path)), nprocs=2)
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "data"), tmp_path), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = steps_on_fixed_tensors(config([*DDP_FLAGS, f"--data-dir={tmp_path / 'data'}"]))
     for part in ("model", "target"):
@@ -707,6 +950,8 @@ def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, no_md5):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (cfg["world_size"], cfg["batch_size"]) == (2, 8)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
+    seeds = [json.loads((tmp_path / f"seeds{r}.json").read_text()) for r in range(2)]
+    assert len(seeds[0]) == 2 and not set(seeds[0]) & set(seeds[1])       # the ranks' views differ
 
 
 # -----------------------------------------------------------------------------
@@ -725,6 +970,31 @@ def test_diverging_lr_crashes_cleanly_and_keeps_the_last_good_checkpoint(tmp_pat
     last = read_metrics(out)[-1]
     assert last["crashed"] is True and last["epoch"] == 2 and last["step"] in (3, 4)
     assert f"step {last['step']}:" in err and (out / "last.pt").read_bytes() == good
+
+
+def test_a_diverging_learned_predictor_crashes_at_the_first_non_finite_step(tmp_path, no_md5, capsys):
+    """--predictor mlp has no eigendecomposition to fail: the non-finite watch alone stops the run, at
+    step 2 (step 1's lr 1e30 update makes the embeddings of step 2 non-finite), with exit code 3."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "cifar10", "--predictor=mlp", "--loss=cos", "--no-ema", "--lr=1e30", "--warmup-epochs=0")
+    assert e.value.code == train.CRASHED
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("train.py: error: crashed at epoch 1, step 2: non-finite")
+    (row,) = read_metrics(tmp_path / "run")
+    assert row == dict(epoch=1, step=2, crashed=True, reason="non-finite loss, embedding, C") and row["reason"] in err
+
+
+def test_watch_names_the_first_non_finite_step_and_what_was_not_finite():
+    run_ = types.SimpleNamespace(bad=torch.zeros(2, dtype=torch.long), step=0)
+    ok, nan = torch.ones(3), torch.tensor([1.0, float("nan")])
+    for step, (loss, z, C) in enumerate([(ok, ok, ok), (ok, nan, ok), (nan, ok, nan)]):
+        run_.step = step
+        train.watch(run_, loss, z, C)
+        if step == 0:
+            train.check_finite(run_)                                 # all finite so far: no Crash
+    with pytest.raises(train.Crash, match="^non-finite embedding$") as e:
+        train.check_finite(run_)
+    assert e.value.step == 2                                         # the first bad step, counted from 1
 
 
 def test_crash_as_a_process_prints_one_line_and_exits_3(tmp_path):
@@ -845,6 +1115,8 @@ BAD_INPUTS = [  # (name, argv or a function(root) -> argv that prepares the file
     ("--knn 0", ["--knn=0"], 2, "--knn must be >= 1"),
     ("--download with folder", ["--dataset=folder", "--download"], 2, "--download is not available"),
     ("--device cuda:99", ["--device=cuda:99"], 2, "--device cuda:99"),
+    ("--gpu-aug with folder", ["--dataset=folder", "--gpu-aug"], 2, "--gpu-aug needs images of one size"),
+    ("--amp fp16 on a CPU", ["--amp=fp16"], 2, "--amp fp16 needs CUDA"),
 ]
 
 
@@ -867,6 +1139,20 @@ def test_bad_inputs(tmp_path, no_md5, capsys, name, prepare, code, message):
         msg = str(e.value.code)
         assert msg.startswith("train.py: error:") and "\n" not in msg and message in msg
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--resume=auto"], {}, "--resume auto needs --out DIR (the run directory to continue)"),
+    ([], {"WORLD_SIZE": "3"}, "--batch-size 4 (the global batch) must be divisible by the 3 processes")])
+def test_settings_that_need_another_setting(tmp_path, monkeypatch, capsys, argv, env, message):
+    """Checks that the table above cannot reach (it always passes --out, and one process)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset=cifar10", f"--data-dir={tmp_path}", *SMALL, *argv])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == f"train.py: error: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

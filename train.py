@@ -4,11 +4,11 @@
 
     python train.py --dataset stl10 --loss iso_euc
 
-One file, read top to bottom: config -> data (per image, or batched on the device) -> model ->
-distributed (torchrun, opt-in) -> loss step -> optimiser and schedules -> loop -> evaluation ->
-diagnostics -> benchmark -> checkpointing -> main. The setup follows Appendix D and Table 4 of the paper
-and the paper's reference code (solo-learn configs and run script); every departure says so where
-it happens. Which row of the paper is which command (add ``--dataset``):
+One file, read top to bottom: config -> model -> the loss step -> optimiser and schedules -> loop and
+main -> evaluation and diagnostics -> data per image -> data on the device -> distributed (torchrun,
+opt-in) -> checkpointing -> --plot, --table, --bench. The setup follows Appendix D and Table 4 of the
+paper and its reference code (solo-learn configs and run script); every departure says so where it
+happens. Which row of the paper is which command (add ``--dataset``):
 
     BYOL        --predictor mlp --loss cos                      EMA target, LARS
     SimSiam     --predictor mlp --loss cos --no-ema             online target, SGD
@@ -18,7 +18,8 @@ it happens. Which row of the paper is which command (add ``--dataset``):
 
 Outputs in --out: config.json, metrics.jsonl (one line per epoch, with the collapse monitors),
 spectrum.jsonl (C's eigenvalues), last.pt (resume with --resume auto). `python train.py --plot RUN_DIR ...`
-draws them. Exit codes: 1 bad data, files or checkpoint; 2 bad command line; 3 a crashed run.
+draws them, `--table RUN_DIR ...` tabulates them as Tables 2 and 3. Exit codes: 1 bad data, files or
+checkpoint; 2 bad command line; 3 a crashed run.
 Several GPUs: torchrun --nproc_per_node=K train.py ... (--batch-size is the global batch).
 """
 import argparse
@@ -26,6 +27,7 @@ import copy
 import datetime
 import json
 import math
+import numbers
 import os
 import random
 import sys
@@ -43,6 +45,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_cla
 from torchvision.transforms import v2
 
 import isoloss
+
 
 # -----------------------------------------------------------------------------
 # Config
@@ -138,6 +141,8 @@ def parser():
       "synthetic images, write bench.json into --out, then exit")
     a("--plot", nargs="+", metavar="RUN_DIR", help="draw the diagnostics of finished or running runs "
       "into the first RUN_DIR (PNG files), then exit")
+    a("--table", nargs="+", metavar="RUN_DIR", help="print the runs' last probe top-1, mean ± std over "
+      "seeds, as a Markdown table laid out as Tables 2 and 3 (a row per setting, a column per dataset), then exit")
     return p
 
 
@@ -155,7 +160,7 @@ RANGES = {"epochs": (1, None, True), "batch_size": (2, None, True), "limit": (1,
 def check_args(p, args):
     """Reject bad or inconsistent settings with a one-line argparse error (exit code 2)."""
     if args.dataset is None:
-        p.error("the following arguments are required: --dataset (or --plot RUN_DIR)")
+        p.error("the following arguments are required: --dataset (or --plot / --table RUN_DIR)")
     for key, (low, high, closed) in RANGES.items():
         v = getattr(args, key)
         if v is not None and (not math.isfinite(v) or v < low or (v == low and not closed)
@@ -237,14 +242,588 @@ def get_config(argv=None):
     """Command line -> checked, fully resolved config (an argparse.Namespace)."""
     p = parser()
     args = p.parse_args(argv)
-    if args.plot:                                   # drawing needs no training settings
+    if args.plot or args.table:                     # reading runs needs no training settings
         return args
     check_args(p, args)
     return resolve(args)
 
 
+
 # -----------------------------------------------------------------------------
-# Data: two asymmetric views per image (App. D, Table 4), un-augmented images for evaluation
+# Model: ResNet backbone, projector, predictor, linear probe; EMA target
+# -----------------------------------------------------------------------------
+
+def mlp(d_in, d_hidden, d_out):
+    """Linear -> BN -> ReLU -> Linear: projector 512-4096-256, BYOL's predictor 256-4096-256 (App. D)."""
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), nn.ReLU(inplace=True),
+                         nn.Linear(d_hidden, d_out))
+
+
+def resnet(arch, stem):
+    """torchvision ResNet without weights, stem per Table 4, head removed. Returns (net, feature dim)."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    kernel, stride, maxpool = STEMS[stem]
+    if kernel != 7:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel, stride, padding=kernel // 2, bias=False)
+    if not maxpool:
+        net.maxpool = nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()     # 512 for ResNet-18
+    return net, dim
+
+
+class Encoder(nn.Module):
+    """x (B, 3, H, W) -> (h (B, 512) backbone features for the probe, z (B, M) projector output)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone, self.dim = resnet(cfg.arch, cfg.stem)
+        self.projector = mlp(self.dim, cfg.proj_hidden, cfg.proj_dim)
+
+    def forward(self, x):
+        h = self.backbone(x)          # (B, 512)
+        return h, self.projector(h)   # (B, 512), (B, M)
+
+
+class Model(nn.Module):
+    """The online network: encoder (backbone + projector), predictor, linear probe; with a learned predictor
+    also `stats`, a running C of the projector outputs kept as the closed-form predictor keeps its own,
+    for the diagnostics only. forward() runs every part with parameters in one call, as
+    DistributedDataParallel needs."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        if cfg.predictor == "closed":   # buffer C (M, M), float32, no gradient; W_P = U D^alpha U^T (Eq. 1)
+            self.predictor = isoloss.ClosedFormPredictor(cfg.proj_dim, cfg.alpha, cfg.eps, cfg.tau)
+        elif cfg.predictor == "mlp":    # BYOL's nonlinear predictor
+            self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
+        else:                           # trainable linear W_P (Fig. 4)
+            self.predictor = nn.Linear(cfg.proj_dim, cfg.proj_dim, bias=False)
+        self.probe = nn.Linear(self.encoder.dim, num_classes)
+        self.learned = cfg.predictor != "closed"
+        if self.learned:
+            self.stats = isoloss.ClosedFormPredictor(cfg.proj_dim, tau=cfg.tau)
+
+    @property
+    def C_keeper(self):
+        """The ClosedFormPredictor that keeps the running C = E[z z^T] (M, M) of the projector outputs."""
+        return self.stats if self.learned else self.predictor
+
+    def forward(self, x1, x2):
+        """Views (B, 3, H, W) -> z1, z2 (B, M); learned predictions p1, p2 (B, M), or None with the
+        closed-form predictor (applied in the loss); probe logits (2B, classes) of detached features."""
+        h1, z1 = self.encoder(x1)                   # (B, 512), (B, M)
+        h2, z2 = self.encoder(x2)                   # views forwarded separately: BN statistics per view
+        p1, p2 = (self.predictor(z1), self.predictor(z2)) if self.learned else (None, None)
+        return z1, z2, p1, p2, self.probe(torch.cat([h1, h2]).detach())
+
+
+def build_model(cfg, num_classes):
+    """The online Model and its target: an EMA copy of the encoder, or None (the online encoder under
+    stop-grad). Under torchrun, BatchNorm layers are synchronised across processes (SyncBatchNorm, as
+    the reference code's runs)."""
+    model = Model(cfg, num_classes)
+    target = copy.deepcopy(model.encoder).requires_grad_(False) if cfg.ema > 0 else None
+    if cfg.world_size > 1:
+        model, target = (sync_batchnorm(m, cfg) if m is not None else None for m in (model, target))
+    return model, target
+
+
+
+# -----------------------------------------------------------------------------
+# The loss step (Eq. 1, Table 1, Eqs. 15 and 17)
+# -----------------------------------------------------------------------------
+
+def ssl_loss(model, z1, z2, p1, p2, z1_t, z2_t, cfg):
+    """L = 2 * [L(p1, SG(z2_t)) + L(p2, SG(z1_t))]: both view orders against the target branch, with
+    p = W_P z (closed form: from C, applied in the loss) or the learned predictions p1, p2.
+
+    Scale: twice the paper's constants, i.e. the reference code's: BYOL's 2 - 2 cos per view order
+    (without its constant 2, which has no gradient) and the Euclidean sum of squares without the 1/2,
+    so the paper's learning rates and weight decays apply unchanged. For `cos` and `iso_cos`, the logged
+    loss is -2 (cos_12 + cos_21), in [-4, 4]; BYOL's logged (2 - 2 cos) + (2 - 2 cos) is this plus 4.
+    """
+    # C <- tau^2 C + (1 - tau^2) C_batch(z1, z2): one EMA step from both online views per training
+    # step, the same time constant as the reference code's one update per view (which also gave view 1
+    # a W_P that had seen only view 1). The batch is folded in before W_P is built. C moves only here,
+    # in training steps: the reference code also moved C on evaluation batches, a side effect we avoid.
+    # Under torchrun C is averaged over the processes: every one holds the C of the global batch.
+    model.C_keeper.update(z1, z2, reduce=mean_over_ranks)          # z detached inside; float32 under AMP
+    if model.learned:
+        return 2 * (pair_loss(cfg.loss, p1, z2_t) + pair_loss(cfg.loss, p2, z1_t))
+    W_P, _ = model.predictor()                                       # (M, M), no gradient
+    return 2 * (pair_loss(cfg.loss, z1, z2_t, W_P) + pair_loss(cfg.loss, z2, z1_t, W_P))
+
+
+def pair_loss(kind, z1, z2_t, W_P=None):
+    """One view order of Table 1 from isoloss.py (paper constants: 1/2 ||.||^2 and -cos, batch mean).
+    With a learned predictor, z1 is the prediction p1 and W_P is None. IsoLoss (Eqs. 15, 17) is the
+    base loss of a straight-through prediction (isoloss.straight_through): the gradient of
+    loss_iso_euc / loss_iso_cos, and the value of the base loss, so iso runs log comparable numbers."""
+    if kind.startswith("iso_"):
+        z1, W_P, kind = isoloss.straight_through(z1, W_P), None, kind[len("iso_"):]
+    return (isoloss.loss_euc if kind == "euc" else isoloss.loss_cos)(z1, z2_t, W_P)
+
+
+def probe_loss(logits, y):
+    """Cross-entropy of the linear probe (logits (2B, classes) of both views); label -1 is ignored."""
+    y = torch.cat([y, y])                                   # (2B,)
+    n = (y >= 0).sum().clamp(min=1)          # a batch of only unlabelled STL-10 images gives 0, not NaN
+    return F.cross_entropy(logits.float(), y, ignore_index=-1, reduction="sum") / n
+
+
+@torch.no_grad()
+def target_outputs(target, x1, x2, z1, z2):
+    """z_t of both views: the EMA target's, or the online network's under stop-grad (no EMA). The
+    latter equals the reference code's momentum-0 target copy: same weights, same batch statistics."""
+    if target is None:
+        return z1.detach(), z2.detach()
+    return target(x1)[1], target(x2)[1]
+
+
+@torch.no_grad()
+def update_target(target, online, m):
+    """xi <- m xi + (1 - m) theta (BYOL), one fused update. Parameters only: the BN statistics are its own."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
+
+
+def z_std(z):
+    """The reference code's collapse monitor, scaled to 1 when healthy: the standard deviation over the
+    batch of the L2-normalised embeddings, averaged over the M dimensions, times sqrt(M). Isotropic
+    embeddings give 1 (each coordinate of a unit vector has variance 1/M), collapsed ones 0. z: (B, M)."""
+    return F.normalize(z.detach().float(), dim=1).std(0).mean() * z.shape[1] ** 0.5
+
+
+def autocast(cfg):
+    """--amp bf16 (or fp16, CUDA only); otherwise a no-op. isoloss.py computes C, W_P, losses in float32."""
+    dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+    return torch.autocast(torch.device(cfg.device).type, dtype=dtype, enabled=cfg.amp is not None)
+
+
+def layout(cfg):
+    """Memory layout of images and conv weights: channels_last on CUDA (what cuDNN's fastest kernels use)."""
+    return torch.channels_last if cfg.device.startswith("cuda") else torch.contiguous_format
+
+
+def train_step(run, x1, x2, y, cfg, m):
+    """One optimisation step on a batch of view pairs. Returns the detached (ssl loss, probe loss, z_std)
+    and notes a non-finite loss, embedding or C in run.bad, all without waiting for the device (but for
+    the closed-form predictor's eigendecomposition, which does)."""
+    with autocast(cfg):
+        z1, z2, p1, p2, logits = run.ddp(x1, x2)    # (B, M) x 4 (p: None for closed), (2B, classes)
+        z1_t, z2_t = target_outputs(run.target, x1, x2, z1, z2)
+        loss = ssl_loss(run.model, z1, z2, p1, p2, z1_t, z2_t, cfg)
+        ploss = probe_loss(logits, y)
+    z = torch.cat([z1, z2])                         # (2B, M)
+    watch(run, loss, z, run.model.C_keeper.C)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss + ploss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    if run.target is not None:
+        update_target(run.target, run.model.encoder, m)
+    return torch.stack([loss.detach(), ploss.detach(), z_std(z)])
+
+
+
+# -----------------------------------------------------------------------------
+# Optimiser and schedules
+# -----------------------------------------------------------------------------
+
+LARS_EPS = 1e-8     # added to the trust ratio's denominator (the reference code's LARS eps)
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum; in groups with lars=True every tensor of more than one dimension gets
+
+        d = r (g + wd w),  r = eta ||w|| / (||g|| + wd ||w|| + 1e-8),  clipped (clip_lr): r <- min(r / lr, 1)
+
+    where both ||w|| and ||g|| are non-zero, and d = g (neither decay nor scaling) where one is zero or the
+    tensor is 1-D (You et al. 2017, as the reference code's LARS with clip_lr and exclude_bias_n_norm).
+    Groups with lars=False are plain SGD with momentum: d = g + wd w. Then buf <- momentum buf + d,
+    w <- w - lr buf. Each group is a few multi-tensor (torch._foreach_*) ops, the trust ratios one vector.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True, lars=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      clip_lr=clip_lr, lars=lars))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if g["lars"]:     # 1-D tensors: d = g; the others: d = a g + b w, (a, b) = (r, r wd) or (1, 0)
+                d_p = list(grads)
+                multi = [i for i, p in enumerate(params) if p.ndim > 1]
+                if multi:
+                    w, gr = [params[i] for i in multi], [grads[i] for i in multi]
+                    a, b = self.lars_factors(w, gr, g)
+                    d_w = torch._foreach_mul(gr, a)
+                    torch._foreach_add_(d_w, torch._foreach_mul(w, b))
+                    for i, d in zip(multi, d_w):
+                        d_p[i] = d
+            else:
+                d_p = torch._foreach_add(grads, params, alpha=g["weight_decay"])     # g + wd w
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, g["momentum"])                            # buf <- momentum buf + d
+            torch._foreach_add_(bufs, d_p)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
+
+    @staticmethod
+    def lars_factors(params, grads, g):
+        """Per tensor (0-dim tensors), d = a g + b w: (r, r wd) with the clipped trust ratio r where both
+        norms are non-zero, else (1, 0). At lr 0 the clip gives r = 1, as the reference's min(r / 0, 1)."""
+        w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+        r = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm + LARS_EPS)
+        if g["clip_lr"]:
+            r = (r / g["lr"]).clamp(max=1.0) if g["lr"] > 0 else torch.ones_like(r)
+        scaled = (w_norm > 0) & (g_norm > 0)
+        a = torch.where(scaled, r, 1.0)
+        return a.unbind(), (a * scaled * g["weight_decay"]).unbind()
+
+
+def build_optimizer(model, cfg):
+    """Three groups, as the reference code's optimiser: weights (weight decay, LARS-scaled with LARS);
+    biases and norm parameters (no LARS scaling, and no weight decay under LARS: solo-learn's
+    exclude_bias_n_norm; its SGD decays them); the probe (own lr, no weight decay; under LARS its weight
+    matrix is LARS-scaled, as the reference's LARS scales every tensor of more than one dimension)."""
+    body = [(n, p) for n, p in model.named_parameters() if not n.startswith("probe.")]
+    weights = [p for n, p in body if p.ndim > 1]
+    bias_norm = [p for n, p in body if p.ndim <= 1]
+    lars = cfg.optimizer == "lars"
+    groups = [dict(params=weights, weight_decay=cfg.wd, lars=lars, base_lr=cfg.lr_scaled),
+              dict(params=bias_norm, weight_decay=0.0 if lars else cfg.wd, lars=False, base_lr=cfg.lr_scaled),
+              dict(params=list(model.probe.parameters()), weight_decay=0.0, lars=lars,
+                   base_lr=cfg.probe_lr_scaled)]
+    return LARS(groups, lr=cfg.lr_scaled, momentum=cfg.momentum, eta=cfg.lars_eta, clip_lr=True)
+
+
+def lr_at(step, base_lr, cfg):
+    """Linear warm-up from warmup_start_lr at step 0 to base_lr at its last step, w - 1 (as the reference
+    code's LinearWarmupCosineAnnealingLR), then cosine decay from base_lr at step w to 0; per step (App. D)."""
+    if step < cfg.warmup_steps:
+        return cfg.warmup_start_lr + (base_lr - cfg.warmup_start_lr) * step / max(1, cfg.warmup_steps - 1)
+    t = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ema_at(step, cfg):
+    """Target momentum m = 1 - (1 - m_base) (cos(pi k / K) + 1) / 2, from 0.99 to 1 (BYOL; App. D)."""
+    return 1 - (1 - cfg.ema) * (math.cos(math.pi * step / cfg.total_steps) + 1) / 2
+
+
+def set_lr(opt, step, cfg):
+    """Apply the schedule to every group; returns the lr of the first (backbone weights) group."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, g["base_lr"], cfg)
+    return opt.param_groups[0]["lr"]
+
+
+def schedule(cfg, steps_per_epoch):
+    """Schedule lengths in steps. Warm-up: 10 epochs (App. D), but at most a quarter of a shorter run and
+    at least one step; --warmup-epochs E gives ceil(E x steps per epoch), 0 none. Without warm-up an
+    8-epoch no-EMA IsoLoss run ended below a random network's probe; with 2 epochs it learned."""
+    cfg.steps_per_epoch, cfg.total_steps = steps_per_epoch, cfg.epochs * steps_per_epoch
+    if cfg.warmup_epochs is None:
+        cfg.warmup_steps = max(1, min(10 * steps_per_epoch, cfg.total_steps // 4))
+    else:
+        cfg.warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+
+
+
+# -----------------------------------------------------------------------------
+# Loop and main
+# -----------------------------------------------------------------------------
+
+class Crash(Exception):
+    """The run cannot go on: non-finite numbers, or C's eigendecomposition failed. `step` counts from 1."""
+
+    def __init__(self, step, reason):
+        super().__init__(reason)
+        self.step = step
+
+
+WATCHED = ("loss", "embedding", "C")        # the bits of run.bad[1]
+
+
+def watch(run, loss, z, C):
+    """Remember the first step whose loss, embeddings z (2B, M) or C (M, M) hold a non-finite number:
+    run.bad = (step, bit mask over WATCHED), (0, 0) while all is well. Device ops only: no waiting."""
+    bits = sum((~torch.isfinite(t).all()).long() << i for i, t in enumerate((loss, z, C)))
+    first = (run.bad[0] == 0) & (bits > 0)
+    run.bad = torch.where(first, torch.stack([torch.full_like(bits, run.step + 1), bits]), run.bad)
+
+
+def check_finite(run):
+    """Raise Crash if a step so far met a non-finite number (reads run.bad: waits for the device). Under
+    torchrun all processes stop together, at the earliest step any of them saw."""
+    bad = run.bad.clone()
+    if dist.is_initialized():       # max of (-step, bits): the earliest step; "no step" is the lowest key
+        bad[0] = torch.where(bad[0] > 0, -bad[0], torch.iinfo(bad.dtype).min)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad[0] = torch.where(bad[0] == torch.iinfo(bad.dtype).min, 0, -bad[0])
+    step, bits = bad.tolist()
+    if step:
+        raise Crash(step, "non-finite " + ", ".join(n for i, n in enumerate(WATCHED) if bits >> i & 1))
+
+
+def log_progress(run, cfg, i, n, loss, lr, t_epoch):
+    """One progress line: epoch, step, mean loss of the epoch so far, lr, images/s of the epoch so far,
+    and the ETA from the pace since this process started (evaluation and checkpoints included)."""
+    now = time.time()
+    ips = i * cfg.batch_size / max(now - t_epoch, 1e-9)
+    pace = (now - run.t0) / max(run.step - run.step0, 1)                      # seconds per step
+    eta = datetime.timedelta(seconds=round(pace * (cfg.total_steps - run.step)))
+    print(f"epoch {run.epoch + 1}/{cfg.epochs} step {i}/{n} ({run.step}/{cfg.total_steps}) "
+          f"loss {loss:.4f} lr {lr:.4g} {ips:.0f} img/s ETA {eta}", flush=True)
+
+
+def train_epoch(run, loaders, cfg):
+    """One pass over the training set; returns the epoch's mean losses and z_std, last lr and wall time.
+    Raises Crash at the first non-finite loss, embedding or C, or a failing eigendecomposition."""
+    run.model.train()
+    if run.target is not None:
+        run.target.train()                          # BYOL's target uses batch statistics
+    loader = loaders.train
+    loader.sampler.set_epoch(run.epoch)                                                  # the order: seed + epoch
+    loader.generator.manual_seed((cfg.seed + run.epoch) * cfg.world_size + cfg.rank)   # augmentations: + rank
+    device, t0 = torch.device(cfg.device), time.time()
+    sums = torch.zeros(3, device=device)            # (ssl loss, probe loss, z_std), summed over steps
+    for i, ((x1, x2), y) in enumerate(batches(loader), 1):
+        x1, x2 = (x.to(device, non_blocking=True, memory_format=layout(cfg)) for x in (x1, x2))
+        y = y.to(device, non_blocking=True)
+        lr = set_lr(run.opt, run.step, cfg)
+        try:
+            sums += train_step(run, x1, x2, y, cfg, ema_at(run.step, cfg))
+        except torch.linalg.LinAlgError as e:       # even in float64 (isoloss._eigh): say why, if we can
+            check_finite(run)                       # an earlier step's non-finite numbers
+            finite = torch.isfinite(run.model.C_keeper.C).all()
+            raise Crash(run.step + 1, "non-finite C" if not finite else
+                        f"the eigendecomposition of C failed ({last_line(e)})") from None
+        run.step += 1
+        if i % cfg.log_every == 0 or i == len(loader):
+            check_finite(run)
+            log_progress(run, cfg, i, len(loader), sums[0].item() / i, lr, t0)
+        if cfg.spectrum_every and run.step % cfg.spectrum_every == 0 and i < len(loader):  # (ends: always)
+            check_finite(run)
+            log_spectrum(run, cfg)
+    loss, ploss, zstd = mean_over_ranks(sums / len(loader)).tolist()
+    return dict(loss=loss, probe_loss=ploss, lr=lr, seconds=time.time() - t0, z_std=zstd)
+
+
+def build_run(cfg, num_classes):
+    """The training state on cfg.device: model (in DDP under torchrun), target, optimiser, AMP scaler, the
+    schedule position and the non-finite watch (`watch`)."""
+    model, target = build_model(cfg, num_classes)
+    for m in (model, target):
+        if m is not None:
+            m.to(cfg.device, memory_format=layout(cfg))
+    ddp = model if cfg.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None)
+    scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp == "fp16")   # fp16 only
+    return types.SimpleNamespace(model=model, ddp=ddp, target=target, opt=build_optimizer(model, cfg),
+                                 scaler=scaler, epoch=0, step=0, t0=time.time(), step0=0,
+                                 bad=torch.zeros(2, dtype=torch.long, device=cfg.device))
+
+
+def setup(cfg):
+    """Seed, data, schedule lengths, training state; returns (run, loaders)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    loaders, num_classes = build_data(cfg)
+    schedule(cfg, len(loaders.train))
+    run = build_run(cfg, num_classes)
+    if cfg.world_size > 1:                          # same model everywhere, its own augmentations per process
+        torch.manual_seed(cfg.seed + 1 + cfg.rank)
+    return run, loaders
+
+
+def start_outputs(cfg, run, loaders):
+    """Create --out, write config.json, drop rows of steps after the checkpoint, print a summary."""
+    if main_process(cfg):
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(vars(cfg), f, indent=2)
+        for name in ("metrics.jsonl", "spectrum.jsonl"):
+            append_jsonl(os.path.join(cfg.out, name), keep_until_step=run.step)
+    target = f"EMA target {cfg.ema}" if cfg.ema else "no EMA"
+    print(f"{cfg.dataset}: {len(loaders.train.dataset)} training images, {cfg.steps_per_epoch} steps/epoch"
+          f"{f' on each of {cfg.world_size} processes' if cfg.world_size > 1 else ''}; "
+          f"{cfg.arch} ({cfg.stem} stem), {cfg.predictor} predictor, loss {cfg.loss}, {target}, "
+          f"{cfg.optimizer} lr {cfg.lr_scaled:g} wd {cfg.wd:g}, warm-up {cfg.warmup_steps} steps; "
+          f"{cfg.device}; out {cfg.out}", flush=True)
+    run.t0, run.step0 = time.time(), run.step           # the pace since this process started, for the ETA
+
+
+def finish_epoch(run, loaders, cfg, row):
+    """Evaluate if due, add the spectrum's monitors, write metrics.jsonl, spectrum.jsonl and last.pt.
+    Under torchrun rank 0 alone evaluates (the whole evaluation split) and writes."""
+    if not main_process(cfg):
+        return row
+    due = run.epoch == cfg.epochs or (cfg.eval_every > 0 and run.epoch % cfg.eval_every == 0)
+    acc = evaluate(run.model, loaders, cfg) if due else dict(acc1=None, acc5=None)
+    spec = log_spectrum(run, cfg)
+    row = dict(epoch=run.epoch, step=run.step, **row, **acc)
+    row.update(monitors(spec["eigenvalues"], row["z_std"]))
+    append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), row)
+    save_checkpoint(checkpoint_state(run, cfg), os.path.join(cfg.out, "last.pt"))
+    print(f"epoch {run.epoch}/{cfg.epochs} done in {row['seconds']:.1f}s: loss {row['loss']:.4f}"
+          + (f", probe acc1 {row['acc1']:.2f}%" if due else "")
+          + (f", k-NN acc1 {row['knn_acc1']:.2f}%" if row.get("knn_acc1") is not None else "")
+          + f"; C: participation ratio {row['participation_ratio']:.1f} of {cfg.proj_dim}, top eigenvalue "
+          f"{100 * row['top_share']:.0f}% of the trace; z_std {row['z_std']:.2f}", flush=True)
+    if row["collapsed"]:
+        print(f"warning: epoch {run.epoch}: the embeddings look collapsed (top eigenvalue of C above "
+              f"{COLLAPSED['top_share']:.0%} of its trace, or z_std below {COLLAPSED['z_std']})", flush=True)
+    return row
+
+
+CRASHED = 3     # exit code of a crashed run; 1: bad data, files or checkpoint; 2: bad command line
+
+
+def crashed(run, cfg, crash):
+    """A crashed run: a "crashed" row in metrics.jsonl, one error line, exit code CRASHED. last.pt (if
+    any) is the last good epoch's: it is written only after an epoch with finite numbers throughout."""
+    epoch = (crash.step - 1) // cfg.steps_per_epoch + 1
+    if main_process(cfg):
+        append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), dict(epoch=epoch, step=crash.step, crashed=True,
+                                                                   reason=str(crash)))
+        kept = (f"the last good checkpoint is {os.path.join(cfg.out, 'last.pt')} (epoch {run.epoch})"
+                if run.epoch else "no epoch finished, no checkpoint")
+        print(f"train.py: error: crashed at epoch {epoch}, step {crash.step}: {crash}; {kept}", file=sys.stderr,
+              flush=True)
+    raise SystemExit(CRASHED)
+
+
+def main(argv=None):
+    """Train as `argv` (default: sys.argv) says; returns the metrics row of the last epoch trained.
+    Exit codes: 1 bad data, files or checkpoint; 2 bad command line; 3 (CRASHED) a crashed run."""
+    cfg = get_config(argv)
+    if cfg.plot:
+        return plot(cfg.plot)
+    if cfg.table:
+        return table(cfg.table)
+    if cfg.bench:
+        return bench(cfg)
+    init_distributed(cfg)
+    path = resume_path(cfg)
+    if path is None and os.path.exists(os.path.join(cfg.out, "last.pt")):
+        fail(f"{cfg.out} already holds a run (last.pt): pass --resume auto to continue it, or another --out")
+    run, loaders = setup(cfg)
+    if path is not None:
+        load_checkpoint(path, run, cfg)
+    start_outputs(cfg, run, loaders)
+    row = None
+    if run.epoch >= cfg.epochs:
+        print(f"nothing to do: {run.epoch} of {cfg.epochs} epochs done (raise --epochs to continue)")
+    try:
+        while run.epoch < cfg.epochs:
+            row = train_epoch(run, loaders, cfg)
+            run.epoch += 1
+            row = finish_epoch(run, loaders, cfg, row)
+    except Crash as crash:
+        crashed(run, cfg, crash)
+    if dist.is_initialized():
+        dist.barrier()                              # rank 0's files are complete when every process returns
+    return row
+
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and diagnostics: probe, k-NN, C's spectrum (Figs. 3, 7, 8), collapse monitors, alignment (Fig. 4)
+# -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def features(model, loader, cfg):
+    """Backbone features h (N, 512), float32, and labels (N,) of a loader's images, in eval mode."""
+    model.eval()
+    hs, ys = [], []
+    for x, y in batches(loader):
+        with autocast(cfg):
+            hs.append(model.encoder.backbone(x.to(cfg.device, non_blocking=True)).float())
+        ys.append(y.to(cfg.device))
+    model.train()
+    return torch.cat(hs), torch.cat(ys)
+
+
+@torch.no_grad()
+def evaluate(model, loaders, cfg):
+    """Probe top-1 / top-5 accuracy (%) on un-augmented, centre-cropped images of the evaluation split
+    (test for CIFAR and STL-10, val for TinyImageNet and folder; App. D), and with --knn the k-NN top-1.
+    Never touches C."""
+    h, y = features(model, loaders.eval, cfg)                       # (N, 512), (N,)
+    k = min(5, model.probe.out_features)
+    top = model.probe(h).topk(k, dim=1).indices == y[:, None]        # (N, k)
+    acc = dict(acc1=100 * top[:, 0].float().mean().item(),
+               acc5=100 * top.any(1).float().mean().item() if k == 5 else None)
+    if cfg.knn:
+        acc["knn_acc1"] = knn_accuracy(*features(model, loaders.bank, cfg), h, y, model.probe.out_features, cfg)
+    return acc
+
+
+def knn_accuracy(bank, bank_y, h, y, classes, cfg, chunk=256):
+    """Weighted k-NN top-1 (%) (Wu et al. 2018; as in DINO and solo-learn): each evaluation feature votes
+    for the classes of its K most cosine-similar training features with weights exp(cos / T). bank
+    (N, D), bank_y (N,): the labelled training images; h (n, D), y (n,). `chunk` rows at a time, so the
+    similarity matrix never exceeds chunk x N."""
+    bank = F.normalize(bank, dim=1)
+    k, hits = min(cfg.knn, len(bank)), 0
+    for h_c, y_c in zip(F.normalize(h, dim=1).split(chunk), y.split(chunk)):
+        sim, idx = (h_c @ bank.T).topk(k, dim=1)                     # (chunk, k)
+        votes = torch.zeros(len(h_c), classes, device=h.device)
+        votes.scatter_add_(1, bank_y[idx], (sim / cfg.knn_temperature).exp())
+        hits += (votes.argmax(1) == y_c).sum()
+    return 100 * float(hits) / len(y)
+
+
+RECRUITED = 0.01      # an eigenvalue counts as recruited above 1% of the largest (our choice; see README)
+COLLAPSED = dict(top_share=0.9, z_std=0.1)  # "collapsed": top_share above, or z_std below (see README)
+
+
+@torch.no_grad()
+def spectrum(model, cfg):
+    """C's eigenvalues, descending (float64); with a linear predictor also Fig. 4's alignment: the
+    cosine between each eigenvector u_i of C and W_P u_i, in the same order."""
+    s, U = torch.linalg.eigh(model.C_keeper.C.double().cpu())
+    s, U = s.flip(0), U.flip(1)                                     # (M,), (M, M) columns u_i
+    row = dict(eigenvalues=s.tolist())
+    if cfg.predictor == "linear":
+        WU = model.predictor.weight.detach().double().cpu() @ U       # W_P u_i (p = W_P z)
+        row["alignment"] = ((U * WU).sum(0) / WU.norm(dim=0).clamp(min=1e-300)).tolist()
+    return row
+
+
+def log_spectrum(run, cfg):
+    """Append C's spectrum (and alignment) with epoch (the one in progress or just done) and step."""
+    row = dict(epoch=(run.step - 1) // cfg.steps_per_epoch + 1, step=run.step, **spectrum(run.model, cfg))
+    if main_process(cfg):
+        append_jsonl(os.path.join(cfg.out, "spectrum.jsonl"), row)
+    return row
+
+
+def monitors(eigenvalues, zstd):
+    """The collapse monitors of a metrics row, from C's eigenvalues s and the epoch's mean z_std:
+    participation ratio (sum s)^2 / sum s^2 (the reference code's), the top eigenvalue's share of the
+    trace, the effective rank exp(entropy of s / sum s), the number of eigenvalues above RECRUITED x the
+    largest, z_std, and `collapsed` when the top share or z_std crosses COLLAPSED's threshold."""
+    s = torch.tensor(eigenvalues, dtype=torch.float64).clamp(min=0)
+    total = s.sum()
+    if total > 0:
+        p = s / total
+        out = dict(participation_ratio=(total ** 2 / (s ** 2).sum()).item(), top_share=(s.max() / total).item(),
+                   effective_rank=(-(p * p.clamp(min=1e-300).log()).sum()).exp().item(),
+                   recruited=int((s > RECRUITED * s.max()).sum()))
+    else:                                   # C = 0: every embedding is zero
+        out = dict(participation_ratio=0.0, top_share=1.0, effective_rank=0.0, recruited=0)
+    out["z_std"] = zstd
+    out["collapsed"] = out["top_share"] > COLLAPSED["top_share"] or zstd < COLLAPSED["z_std"]
+    return out
+
+
+
+# -----------------------------------------------------------------------------
+# Data per image: two asymmetric views (App. D, Table 4), un-augmented images for evaluation
 # -----------------------------------------------------------------------------
 
 # The SimCLR augmentation set of App. D (solo-learn's asymmetric BYOL recipe), shared by both pipelines.
@@ -288,6 +867,200 @@ def train_transform(cfg):
     return TwoViews(*(view_transform(cfg.image_size, d["mean"], d["std"], b if cfg.blur else 0.0, s)
                       for b, s in VIEWS))
 
+
+def eval_transform(cfg):
+    """Un-augmented: resize the short side to the training crop, centre-crop, normalise."""
+    d = DATASETS[cfg.dataset]
+    return v2.Compose([v2.ToImage(), v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BICUBIC,
+                                               antialias=True),
+                       v2.CenterCrop(cfg.image_size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(d["mean"], d["std"])])
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(image, label) pairs, an image read by `load`: ImageFolder's loader for the val splits of tinyimagenet
+    and folder (paths); the identity for --bench's synthetic uint8 images."""
+
+    def __init__(self, samples, transform, load=default_loader):
+        self.samples, self.transform, self.load = samples, transform, load
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        x, y = self.samples[i]
+        return self.transform(self.load(x)), y
+
+
+TORCHVISION = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}
+
+
+def required_paths(cfg):
+    """The files and folders each loader reads, so a missing one can be named (and how to get it)."""
+    root = cfg.data_dir
+    if cfg.dataset in ("cifar10", "cifar100", "stl10"):
+        cls = TORCHVISION[cfg.dataset]
+        files = [f for f, _ in cls.train_list + cls.test_list] + (
+            [cls.meta["filename"]] if cfg.dataset != "stl10" else [])
+        hint = f"pass --download to fetch {cls.url} into {root}, or unpack that archive there"
+        return [os.path.join(root, cls.base_folder, f) for f in files], hint
+    if cfg.dataset == "tinyimagenet":
+        base = os.path.join(root, "tiny-imagenet-200")
+        hint = f"pass --download to fetch {TINY_URL} into {root}, or unzip it there (read as is)"
+        return [os.path.join(base, p) for p in ("train", "val/images", "val/val_annotations.txt")], hint
+    hint = "--data-dir must hold an ImageFolder tree: train/<class>/<images> and val/<class>/<images>"
+    return [os.path.join(root, "train"), os.path.join(root, "val")], hint
+
+
+def load_torchvision(cfg, train_tf, eval_tf):
+    """CIFAR-10/100: train / test. STL-10: train+unlabeled (label -1 on unlabelled images) / test."""
+    cls, root = TORCHVISION[cfg.dataset], cfg.data_dir
+    try:
+        if cfg.dataset == "stl10":
+            return (cls(root, split="train+unlabeled", transform=train_tf, download=cfg.download),
+                    cls(root, split="test", transform=eval_tf))
+        return (cls(root, train=True, transform=train_tf, download=cfg.download),
+                cls(root, train=False, transform=eval_tf))
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted": an md5 sum does not match
+        fail(f"{cfg.dataset}: the files under {os.path.join(root, cls.base_folder)} fail torchvision's md5 "
+             f"check (an incomplete or altered copy?); delete them and rerun with --download")
+
+
+def load_tinyimagenet(cfg, train_tf, eval_tf):
+    """Official layout, read as is: train/<wnid>/images/*.JPEG (an ImageFolder tree: the images/
+    level is walked), val/images/*.JPEG labelled by val/val_annotations.txt ('val_0.JPEG <wnid> box')."""
+    root = os.path.join(cfg.data_dir, "tiny-imagenet-200")
+    if cfg.download and not os.path.isdir(root):
+        torchvision.datasets.utils.download_and_extract_archive(TINY_URL, cfg.data_dir)
+    train = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
+    samples = []
+    with open(os.path.join(root, "val", "val_annotations.txt")) as f:
+        for line in filter(str.strip, f):
+            name, wnid = line.split()[:2]
+            path = os.path.join(root, "val", "images", name)
+            if wnid not in train.class_to_idx or not os.path.isfile(path):
+                fail(f"tinyimagenet: val_annotations.txt names {name} ({wnid}), but {path} or "
+                     f"{root}/train/{wnid} is missing")
+            samples.append((path, train.class_to_idx[wnid]))
+    return train, ImageList(samples, eval_tf)
+
+
+def load_folder(cfg, train_tf, eval_tf):
+    """Any ImageFolder tree: train/<class>/* for pretraining and the probe, val/<class>/* to evaluate."""
+    train = datasets.ImageFolder(os.path.join(cfg.data_dir, "train"), train_tf)
+    val_dir = os.path.join(cfg.data_dir, "val")
+    unknown = sorted(set(find_classes(val_dir)[0]) - set(train.classes))
+    if unknown:
+        fail(f"folder: {val_dir} has classes that train/ lacks: {', '.join(unknown[:5])}")
+    samples = make_dataset(val_dir, train.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    return train, ImageList(samples, eval_tf)
+
+
+def load_datasets(cfg, train_tf, eval_tf):
+    """(train set, eval set, number of classes); missing data stops with a one-line error."""
+    paths, hint = required_paths(cfg)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing and not cfg.download:
+        fail(f"{cfg.dataset}: {missing[0]} not found; {hint}")
+    loader = {"tinyimagenet": load_tinyimagenet, "folder": load_folder}.get(cfg.dataset, load_torchvision)
+    try:
+        train, val = loader(cfg, train_tf, eval_tf)
+    except Exception as e:  # no images, a failed download, a truncated or garbled file (pickle, numpy)
+        fail(f"{cfg.dataset}: cannot load the data under {cfg.data_dir}: {last_line(e)}")
+    if len(val) == 0:
+        fail(f"{cfg.dataset}: the evaluation split under {cfg.data_dir} has no images")
+    classes = DATASETS[cfg.dataset]["classes"] or len(train.classes)
+    check_contents(cfg, train, val, classes)
+    for name, ds in (("training", train), ("evaluation", val)):  # a corrupt file stops here, before any output
+        try:
+            ds[0]
+        except Exception as e:
+            fail(f"{cfg.dataset}: cannot read the first {name} image: {last_line(e)}")
+    return train, val, classes
+
+
+def check_contents(cfg, train, val, classes):
+    """Before anything is written: the probe needs 2 classes or more; CIFAR and STL-10 files, held in memory,
+    must give uint8 images of their format, one integer label each, in [0, classes) (-1: STL-10's unlabelled
+    images). Image folders need no check: their labels are the indices of their class folders."""
+    if classes < 2:
+        fail(f"{cfg.dataset}: {classes} class under {cfg.data_dir}; the linear probe needs 2 or more")
+    for name, ds in (("training", train), ("evaluation", val)) if hasattr(train, "data") else ():
+        labels = ds.targets if hasattr(ds, "targets") else ds.labels
+        # torchvision reshapes the bytes into images of the format's size: images of another size or
+        # layout come out as another number of images than labels
+        if ds.data.dtype != "uint8" or len(labels) != len(ds.data):
+            fail(f"{cfg.dataset}: the {name} files hold {len(ds.data)} images of {ds.data.dtype} and "
+                 f"{len(labels)} labels, where the format has images of uint8 (bytes), one label each")
+        low = -1 if cfg.dataset == "stl10" and name == "training" else 0
+        bad = [v for v in labels if not isinstance(v, numbers.Integral) or not low <= v < classes]
+        if bad:
+            fail(f"{cfg.dataset}: the {name} files hold labels other than integers in [0, {classes}), "
+                 f"e.g. {bad[0]}")
+
+
+def unwrap(ds):
+    """(the dataset under --limit's Subset, its indices or None)."""
+    return (ds.dataset, ds.indices) if isinstance(ds, torch.utils.data.Subset) else (ds, None)
+
+
+def knn_bank(train, eval_tf):
+    """The k-NN monitor's memory bank: the labelled training images (of --limit's subset), un-augmented."""
+    base, idx = unwrap(train)
+    bank = copy.copy(base)                      # the same files, read with the evaluation transform
+    bank.transform = eval_tf
+    labels = getattr(base, "targets", None) or base.labels       # STL-10 names them labels (-1: unlabelled)
+    keep = [i for i in (range(len(base)) if idx is None else idx) if labels[i] >= 0]
+    return torch.utils.data.Subset(bank, keep)
+
+
+def build_data(cfg):
+    """The one place that builds the data pipeline: datasets, transforms, loaders (train, eval, k-NN bank).
+    Every epoch's order comes from (seed, epoch) alone (train_epoch), so a resumed run repeats it; under
+    torchrun each process takes its share of it (a DistributedSampler, also for one process)."""
+    eval_tf = eval_transform(cfg)
+    train, val, num_classes = load_datasets(cfg, train_transform(cfg), eval_tf)
+    if cfg.limit:
+        train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
+    if len(train) < cfg.batch_size:
+        fail(f"{len(train)} training images are fewer than one batch (--batch-size {cfg.batch_size})")
+    batch = cfg.batch_size // cfg.world_size
+    sampler = torch.utils.data.DistributedSampler(range(len(train)), cfg.world_size, cfg.rank, seed=cfg.seed,
+                                                  drop_last=True)
+    bank = knn_bank(train, eval_tf) if cfg.knn else None
+    if cfg.gpu_aug:
+        d = DATASETS[cfg.dataset]
+        views = lambda x, g: batch_two_views(x, cfg.image_size, d["mean"], d["std"], cfg.blur, g)   # noqa: E731
+        plain = lambda x, g: eval_tf(x).as_subclass(torch.Tensor)                                  # noqa: E731
+        loaders = types.SimpleNamespace(train=DeviceLoader(*as_tensors(train, cfg), batch, views, sampler, True),
+                                        eval=DeviceLoader(*as_tensors(val, cfg), batch, plain),
+                                        bank=DeviceLoader(*as_tensors(bank, cfg), batch, plain) if bank else None)
+        return loaders, num_classes
+    kw = dict(batch_size=batch, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
+    loaders = types.SimpleNamespace(
+        train=torch.utils.data.DataLoader(train, sampler=sampler, drop_last=True, generator=torch.Generator(), **kw),
+        eval=torch.utils.data.DataLoader(val, shuffle=False, **kw),
+        bank=torch.utils.data.DataLoader(bank, shuffle=False, **kw) if bank else None)
+    return loaders, num_classes
+
+
+def batches(loader):
+    """Iterate a loader; an image that cannot be read (in any worker) stops the run with one line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            fail(f"cannot read a batch of {len(loader.dataset)} images: {last_line(e)}")
+        yield batch
+
+
+
+# -----------------------------------------------------------------------------
+# Data on the device (--gpu-aug): the same views for a whole uint8 batch
+# -----------------------------------------------------------------------------
 
 # --- The same views for a whole uint8 batch on its device (--gpu-aug) --------------------------------------
 # Every random parameter is drawn per image as a tensor on the batch's device, and every per-image choice is
@@ -439,128 +1212,10 @@ def batch_two_views(x, size, mean, std, blur, generator=None):
     return tuple(views)
 
 
-def eval_transform(cfg):
-    """Un-augmented: resize the short side to the training crop, centre-crop, normalise."""
-    d = DATASETS[cfg.dataset]
-    return v2.Compose([v2.ToImage(), v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BICUBIC,
-                                               antialias=True),
-                       v2.CenterCrop(cfg.image_size), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(d["mean"], d["std"])])
-
-
-class ImageList(torch.utils.data.Dataset):
-    """(path, label) pairs read with ImageFolder's loader: the val splits of tinyimagenet and folder."""
-
-    def __init__(self, samples, transform):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, y = self.samples[i]
-        return self.transform(default_loader(path)), y
-
-
-TORCHVISION = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}
-
-
-def required_paths(cfg):
-    """The files and folders each loader reads, so a missing one can be named (and how to get it)."""
-    root = cfg.data_dir
-    if cfg.dataset in ("cifar10", "cifar100", "stl10"):
-        cls = TORCHVISION[cfg.dataset]
-        files = [f for f, _ in cls.train_list + cls.test_list] + (
-            [cls.meta["filename"]] if cfg.dataset != "stl10" else [])
-        hint = f"pass --download to fetch {cls.url} into {root}, or unpack that archive there"
-        return [os.path.join(root, cls.base_folder, f) for f in files], hint
-    if cfg.dataset == "tinyimagenet":
-        base = os.path.join(root, "tiny-imagenet-200")
-        hint = f"pass --download to fetch {TINY_URL} into {root}, or unzip it there (read as is)"
-        return [os.path.join(base, p) for p in ("train", "val/images", "val/val_annotations.txt")], hint
-    hint = "--data-dir must hold an ImageFolder tree: train/<class>/<images> and val/<class>/<images>"
-    return [os.path.join(root, "train"), os.path.join(root, "val")], hint
-
-
-def load_torchvision(cfg, train_tf, eval_tf):
-    """CIFAR-10/100: train / test. STL-10: train+unlabeled (label -1 on unlabelled images) / test."""
-    cls, root = TORCHVISION[cfg.dataset], cfg.data_dir
-    try:
-        if cfg.dataset == "stl10":
-            return (cls(root, split="train+unlabeled", transform=train_tf, download=cfg.download),
-                    cls(root, split="test", transform=eval_tf))
-        return (cls(root, train=True, transform=train_tf, download=cfg.download),
-                cls(root, train=False, transform=eval_tf))
-    except RuntimeError:  # torchvision's "Dataset not found or corrupted": an md5 sum does not match
-        fail(f"{cfg.dataset}: the files under {os.path.join(root, cls.base_folder)} fail torchvision's md5 "
-             f"check (an incomplete or altered copy?); delete them and rerun with --download")
-
-
-def load_tinyimagenet(cfg, train_tf, eval_tf):
-    """Official layout, read as is: train/<wnid>/images/*.JPEG (an ImageFolder tree: the images/
-    level is walked), val/images/*.JPEG labelled by val/val_annotations.txt ('val_0.JPEG <wnid> box')."""
-    root = os.path.join(cfg.data_dir, "tiny-imagenet-200")
-    if cfg.download and not os.path.isdir(root):
-        torchvision.datasets.utils.download_and_extract_archive(TINY_URL, cfg.data_dir)
-    train = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
-    samples = []
-    with open(os.path.join(root, "val", "val_annotations.txt")) as f:
-        for line in filter(str.strip, f):
-            name, wnid = line.split()[:2]
-            path = os.path.join(root, "val", "images", name)
-            if wnid not in train.class_to_idx or not os.path.isfile(path):
-                fail(f"tinyimagenet: val_annotations.txt names {name} ({wnid}), but {path} or "
-                     f"{root}/train/{wnid} is missing")
-            samples.append((path, train.class_to_idx[wnid]))
-    return train, ImageList(samples, eval_tf)
-
-
-def load_folder(cfg, train_tf, eval_tf):
-    """Any ImageFolder tree: train/<class>/* for pretraining and the probe, val/<class>/* to evaluate."""
-    train = datasets.ImageFolder(os.path.join(cfg.data_dir, "train"), train_tf)
-    val_dir = os.path.join(cfg.data_dir, "val")
-    unknown = sorted(set(find_classes(val_dir)[0]) - set(train.classes))
-    if unknown:
-        fail(f"folder: {val_dir} has classes that train/ lacks: {', '.join(unknown[:5])}")
-    samples = make_dataset(val_dir, train.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-    return train, ImageList(samples, eval_tf)
-
-
-def load_datasets(cfg, train_tf, eval_tf):
-    """(train set, eval set, number of classes); missing data stops with a one-line error."""
-    paths, hint = required_paths(cfg)
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing and not cfg.download:
-        fail(f"{cfg.dataset}: {missing[0]} not found; {hint}")
-    loader = {"tinyimagenet": load_tinyimagenet, "folder": load_folder}.get(cfg.dataset, load_torchvision)
-    try:
-        train, val = loader(cfg, train_tf, eval_tf)
-    except Exception as e:  # no images, a failed download, a truncated or garbled file (pickle, numpy)
-        fail(f"{cfg.dataset}: cannot load the data under {cfg.data_dir}: {last_line(e)}")
-    if len(val) == 0:
-        fail(f"{cfg.dataset}: the evaluation split under {cfg.data_dir} has no images")
-    for name, ds in (("training", train), ("evaluation", val)):  # a corrupt file stops here, before any output
-        try:
-            ds[0]
-        except Exception as e:
-            fail(f"{cfg.dataset}: cannot read the first {name} image: {last_line(e)}")
-    return train, val, DATASETS[cfg.dataset]["classes"] or len(train.classes)
-
-
-def knn_bank(train, eval_tf):
-    """The k-NN monitor's memory bank: the labelled training images (of --limit's subset), un-augmented."""
-    base, idx = (train.dataset, train.indices) if isinstance(train, torch.utils.data.Subset) else (train, None)
-    bank = copy.copy(base)                      # the same files, read with the evaluation transform
-    bank.transform = eval_tf
-    labels = getattr(base, "targets", None) or base.labels       # STL-10 names them labels (-1: unlabelled)
-    keep = [i for i in (range(len(base)) if idx is None else idx) if labels[i] >= 0]
-    return torch.utils.data.Subset(bank, keep)
-
-
 def as_tensors(ds, cfg):
     """A dataset's images as one uint8 tensor (N, 3, H, W) and its labels (N,), on cfg.device (--gpu-aug).
     CIFAR and STL-10 hold them in memory already; Tiny ImageNet's JPEGs are decoded once, by the workers."""
-    base, idx = (ds.dataset, ds.indices) if isinstance(ds, torch.utils.data.Subset) else (ds, None)
+    base, idx = unwrap(ds)
     if isinstance(base, datasets.CIFAR10):                         # CIFAR-100 too (a subclass)
         x, y = torch.from_numpy(base.data).permute(0, 3, 1, 2), torch.tensor(base.targets)
     elif isinstance(base, datasets.STL10):
@@ -594,128 +1249,6 @@ class DeviceLoader:
         for idx in order.to(images.device)[:len(self) * self.batch_size].split(self.batch_size):
             yield self.transform(images[idx], self.generator), labels[idx]
 
-
-def build_data(cfg):
-    """The one place that builds the data pipeline: datasets, transforms, loaders (train, eval, k-NN bank).
-    Every epoch's order comes from (seed, epoch) alone (train_epoch), so a resumed run repeats it; under
-    torchrun each process takes its share of it (a DistributedSampler, also for one process)."""
-    eval_tf = eval_transform(cfg)
-    train, val, num_classes = load_datasets(cfg, train_transform(cfg), eval_tf)
-    if cfg.limit:
-        train = torch.utils.data.Subset(train, range(min(cfg.limit, len(train))))
-    if len(train) < cfg.batch_size:
-        fail(f"{len(train)} training images are fewer than one batch (--batch-size {cfg.batch_size})")
-    batch = cfg.batch_size // cfg.world_size
-    sampler = torch.utils.data.DistributedSampler(range(len(train)), cfg.world_size, cfg.rank, seed=cfg.seed,
-                                                  drop_last=True)
-    bank = knn_bank(train, eval_tf) if cfg.knn else None
-    if cfg.gpu_aug:
-        d = DATASETS[cfg.dataset]
-        views = lambda x, g: batch_two_views(x, cfg.image_size, d["mean"], d["std"], cfg.blur, g)   # noqa: E731
-        plain = lambda x, g: eval_tf(x).as_subclass(torch.Tensor)                                  # noqa: E731
-        loaders = types.SimpleNamespace(train=DeviceLoader(*as_tensors(train, cfg), batch, views, sampler, True),
-                                        eval=DeviceLoader(*as_tensors(val, cfg), batch, plain),
-                                        bank=DeviceLoader(*as_tensors(bank, cfg), batch, plain) if bank else None)
-        return loaders, num_classes
-    kw = dict(batch_size=batch, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
-    loaders = types.SimpleNamespace(
-        train=torch.utils.data.DataLoader(train, sampler=sampler, drop_last=True, generator=torch.Generator(), **kw),
-        eval=torch.utils.data.DataLoader(val, shuffle=False, **kw),
-        bank=torch.utils.data.DataLoader(bank, shuffle=False, **kw) if bank else None)
-    return loaders, num_classes
-
-
-def batches(loader):
-    """Iterate a loader; an image that cannot be read (in any worker) stops the run with one line."""
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except Exception as e:
-            fail(f"cannot read a batch of {len(loader.dataset)} images: {last_line(e)}")
-        yield batch
-
-
-# -----------------------------------------------------------------------------
-# Model: ResNet backbone f, projector g, predictor, linear probe; EMA target
-# -----------------------------------------------------------------------------
-
-def mlp(d_in, d_hidden, d_out):
-    """Linear -> BN -> ReLU -> Linear: projector 512-4096-256, BYOL's predictor 256-4096-256 (App. D)."""
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), nn.ReLU(inplace=True),
-                         nn.Linear(d_hidden, d_out))
-
-
-def resnet(arch, stem):
-    """torchvision ResNet without weights, stem per Table 4, head removed. Returns (net, feature dim)."""
-    net = getattr(torchvision.models, arch)(weights=None)
-    kernel, stride, maxpool = STEMS[stem]
-    if kernel != 7:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel, stride, padding=kernel // 2, bias=False)
-    if not maxpool:
-        net.maxpool = nn.Identity()
-    dim, net.fc = net.fc.in_features, nn.Identity()     # 512 for ResNet-18
-    return net, dim
-
-
-class Encoder(nn.Module):
-    """x (B, 3, H, W) -> (h (B, 512) backbone features for the probe, z (B, M) projector output)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.backbone, self.dim = resnet(cfg.arch, cfg.stem)
-        self.projector = mlp(self.dim, cfg.proj_hidden, cfg.proj_dim)
-
-    def forward(self, x):
-        h = self.backbone(x)          # (B, 512)
-        return h, self.projector(h)   # (B, 512), (B, M)
-
-
-class Model(nn.Module):
-    """The online network: encoder (backbone + projector), predictor, linear probe; with a learned predictor
-    also `stats`, a running C of the projector outputs kept as the closed-form predictor keeps its own,
-    for the diagnostics only. forward() runs every part with parameters in one call, as
-    DistributedDataParallel needs."""
-
-    def __init__(self, cfg, num_classes):
-        super().__init__()
-        self.encoder = Encoder(cfg)
-        if cfg.predictor == "closed":   # buffer C (M, M), float32, no gradient; W_P = U D^alpha U^T (Eq. 1)
-            self.predictor = isoloss.ClosedFormPredictor(cfg.proj_dim, cfg.alpha, cfg.eps, cfg.tau)
-        elif cfg.predictor == "mlp":    # BYOL's nonlinear predictor
-            self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
-        else:                           # trainable linear W_P (Fig. 4)
-            self.predictor = nn.Linear(cfg.proj_dim, cfg.proj_dim, bias=False)
-        self.probe = nn.Linear(self.encoder.dim, num_classes)
-        self.learned = cfg.predictor != "closed"
-        if self.learned:
-            self.stats = isoloss.ClosedFormPredictor(cfg.proj_dim, tau=cfg.tau)
-
-    @property
-    def C_keeper(self):
-        """The ClosedFormPredictor that keeps the running C = E[z z^T] (M, M) of the projector outputs."""
-        return self.stats if self.learned else self.predictor
-
-    def forward(self, x1, x2):
-        """Views (B, 3, H, W) -> z1, z2 (B, M); learned predictions p1, p2 (B, M), or None with the
-        closed-form predictor (applied in the loss); probe logits (2B, classes) of detached features."""
-        h1, z1 = self.encoder(x1)                   # (B, 512), (B, M)
-        h2, z2 = self.encoder(x2)                   # views forwarded separately: BN statistics per view
-        p1, p2 = (self.predictor(z1), self.predictor(z2)) if self.learned else (None, None)
-        return z1, z2, p1, p2, self.probe(torch.cat([h1, h2]).detach())
-
-
-def build_model(cfg, num_classes):
-    """The online Model and its target: an EMA copy of the encoder, or None (the online encoder under
-    stop-grad). Under torchrun, BatchNorm layers are synchronised across processes (SyncBatchNorm, as
-    the reference code's runs)."""
-    model = Model(cfg, num_classes)
-    target = copy.deepcopy(model.encoder).requires_grad_(False) if cfg.ema > 0 else None
-    if cfg.world_size > 1:
-        model, target = (sync_batchnorm(m, cfg) if m is not None else None for m in (model, target))
-    return model, target
 
 
 # -----------------------------------------------------------------------------
@@ -793,526 +1326,9 @@ def sync_batchnorm(module, cfg):
     return module
 
 
-# -----------------------------------------------------------------------------
-# Loss step
-# -----------------------------------------------------------------------------
-
-def pair_loss(kind, z1, z2_t, W_P=None):
-    """One view order of Table 1 from isoloss.py (paper constants: 1/2 ||.||^2 and -cos, batch mean).
-    With a learned predictor, z1 is the prediction p1 and W_P is None. IsoLoss (Eqs. 15, 17) is the
-    base loss of a straight-through prediction (isoloss.straight_through): the gradient of
-    loss_iso_euc / loss_iso_cos, and the value of the base loss, so iso runs log comparable numbers."""
-    if kind.startswith("iso_"):
-        z1, W_P, kind = isoloss.straight_through(z1, W_P), None, kind[len("iso_"):]
-    return (isoloss.loss_euc if kind == "euc" else isoloss.loss_cos)(z1, z2_t, W_P)
-
-
-def ssl_loss(model, z1, z2, p1, p2, z1_t, z2_t, cfg):
-    """L = 2 * [L(p1, SG(z2_t)) + L(p2, SG(z1_t))]: both view orders against the target branch, with
-    p = W_P z (closed form: from C, applied in the loss) or the learned predictions p1, p2.
-
-    Scale: twice the paper's constants, i.e. the reference code's: BYOL's 2 - 2 cos per view order
-    (without its constant 2, which has no gradient) and the Euclidean sum of squares without the 1/2,
-    so the paper's learning rates and weight decays apply unchanged. For `cos` and `iso_cos`, the logged
-    loss is -2 (cos_12 + cos_21), in [-4, 4]; BYOL's logged (2 - 2 cos) + (2 - 2 cos) is this plus 4.
-    """
-    # C <- tau^2 C + (1 - tau^2) C_batch(z1, z2): one EMA step from both online views per training
-    # step, the same time constant as the reference code's one update per view (which also gave view 1
-    # a W_P that had seen only view 1). The batch is folded in before W_P is built. C moves only here,
-    # in training steps: the reference code also moved C on evaluation batches, a side effect we avoid.
-    # Under torchrun C is averaged over the processes: every one holds the C of the global batch.
-    model.C_keeper.update(z1, z2, reduce=mean_over_ranks)          # z detached inside; float32 under AMP
-    if model.learned:
-        return 2 * (pair_loss(cfg.loss, p1, z2_t) + pair_loss(cfg.loss, p2, z1_t))
-    W_P, _ = model.predictor()                                       # (M, M), no gradient
-    return 2 * (pair_loss(cfg.loss, z1, z2_t, W_P) + pair_loss(cfg.loss, z2, z1_t, W_P))
-
-
-def probe_loss(logits, y):
-    """Cross-entropy of the linear probe (logits (2B, classes) of both views); label -1 is ignored."""
-    y = torch.cat([y, y])                                   # (2B,)
-    n = (y >= 0).sum().clamp(min=1)          # a batch of only unlabelled STL-10 images gives 0, not NaN
-    return F.cross_entropy(logits.float(), y, ignore_index=-1, reduction="sum") / n
-
-
-@torch.no_grad()
-def target_outputs(target, x1, x2, z1, z2):
-    """z_t of both views: the EMA target's, or the online network's under stop-grad (no EMA). The
-    latter equals the reference code's momentum-0 target copy: same weights, same batch statistics."""
-    if target is None:
-        return z1.detach(), z2.detach()
-    return target(x1)[1], target(x2)[1]
-
-
-def layout(cfg):
-    """Memory layout of images and conv weights: channels_last on CUDA (what cuDNN's fastest kernels use)."""
-    return torch.channels_last if cfg.device.startswith("cuda") else torch.contiguous_format
-
-
-def autocast(cfg):
-    """--amp bf16 (or fp16, CUDA only); otherwise a no-op. isoloss.py computes C, W_P, losses in float32."""
-    dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-    return torch.autocast(torch.device(cfg.device).type, dtype=dtype, enabled=cfg.amp is not None)
-
-
-@torch.no_grad()
-def update_target(target, online, m):
-    """xi <- m xi + (1 - m) theta (BYOL), one fused update. Parameters only: the BN statistics are its own."""
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
-
-
-def z_std(z):
-    """The reference code's collapse monitor, scaled to 1 when healthy: the standard deviation over the
-    batch of the L2-normalised embeddings, averaged over the M dimensions, times sqrt(M). Isotropic
-    embeddings give 1 (each coordinate of a unit vector has variance 1/M), collapsed ones 0. z: (B, M)."""
-    return F.normalize(z.detach().float(), dim=1).std(0).mean() * z.shape[1] ** 0.5
-
-
-def train_step(run, x1, x2, y, cfg, m):
-    """One optimisation step on a batch of view pairs. Returns the detached (ssl loss, probe loss, z_std)
-    and notes a non-finite loss, embedding or C in run.bad, all without waiting for the device (but for
-    the closed-form predictor's eigendecomposition, which does)."""
-    with autocast(cfg):
-        z1, z2, p1, p2, logits = run.ddp(x1, x2)    # (B, M) x 4 (p: None for closed), (2B, classes)
-        z1_t, z2_t = target_outputs(run.target, x1, x2, z1, z2)
-        loss = ssl_loss(run.model, z1, z2, p1, p2, z1_t, z2_t, cfg)
-        ploss = probe_loss(logits, y)
-    z = torch.cat([z1, z2])                         # (2B, M)
-    watch(run, loss, z, run.model.C_keeper.C)
-    run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss + ploss).backward()
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    if run.target is not None:
-        update_target(run.target, run.model.encoder, m)
-    return torch.stack([loss.detach(), ploss.detach(), z_std(z)])
-
 
 # -----------------------------------------------------------------------------
-# Optimiser and schedules
-# -----------------------------------------------------------------------------
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum; groups with lars=True also scale each tensor's step by the trust ratio
-
-        r = eta ||w|| / (||g|| + wd ||w||),  clipped (clip_lr): r <- min(r / lr, 1)
-
-    (You et al. 2017, with solo-learn's clipping, as the reference code used). Weight decay is added to
-    the gradient before scaling. Groups with lars=False are plain SGD with momentum. Each group is
-    updated with a few multi-tensor (torch._foreach_*) ops, the trust ratios as one vector: no loop over
-    tensors and no waiting for the device.
-    """
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True, lars=True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      clip_lr=clip_lr, lars=lars))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for g in self.param_groups:
-            params = [p for p in g["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            d_p = torch._foreach_add(grads, params, alpha=g["weight_decay"])     # g + wd w
-            if g["lars"]:
-                torch._foreach_mul_(d_p, self.trust_ratios(params, grads, g))
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-            torch._foreach_mul_(bufs, g["momentum"])                            # buf <- momentum buf + d_p
-            torch._foreach_add_(bufs, d_p)
-            torch._foreach_add_(params, bufs, alpha=-g["lr"])
-
-    @staticmethod
-    def trust_ratios(params, grads, g):
-        """One clipped trust ratio per tensor (0-dim tensors); 1 where the weight or gradient is zero."""
-        w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
-        r = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
-        if g["clip_lr"] and g["lr"] > 0:
-            r = (r / g["lr"]).clamp(max=1.0)
-        return torch.where((w_norm > 0) & (g_norm > 0), r, torch.ones_like(r)).unbind()
-
-
-def build_optimizer(model, cfg):
-    """Three groups: weights (weight decay; LARS-scaled with LARS), biases and norm parameters (reference:
-    solo-learn's exclude_bias_n_norm, i.e. no LARS scaling and no weight decay with LARS; its SGD decays
-    them), and the probe (own lr, no weight decay, never LARS-scaled)."""
-    body = [(n, p) for n, p in model.named_parameters() if not n.startswith("probe.")]
-    weights = [p for n, p in body if p.ndim > 1]
-    bias_norm = [p for n, p in body if p.ndim <= 1]
-    lars = cfg.optimizer == "lars"
-    groups = [dict(params=weights, weight_decay=cfg.wd, lars=lars, base_lr=cfg.lr_scaled),
-              dict(params=bias_norm, weight_decay=0.0 if lars else cfg.wd, lars=False, base_lr=cfg.lr_scaled),
-              dict(params=list(model.probe.parameters()), weight_decay=0.0, lars=False,
-                   base_lr=cfg.probe_lr_scaled)]
-    return LARS(groups, lr=cfg.lr_scaled, momentum=cfg.momentum, eta=cfg.lars_eta, clip_lr=True)
-
-
-def lr_at(step, base_lr, cfg):
-    """Linear warm-up from warmup_start_lr to base_lr, then cosine decay to 0; per step (App. D)."""
-    if step < cfg.warmup_steps:
-        return cfg.warmup_start_lr + (base_lr - cfg.warmup_start_lr) * step / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def ema_at(step, cfg):
-    """Target momentum m = 1 - (1 - m_base) (cos(pi k / K) + 1) / 2, from 0.99 to 1 (BYOL; App. D)."""
-    return 1 - (1 - cfg.ema) * (math.cos(math.pi * step / cfg.total_steps) + 1) / 2
-
-
-def set_lr(opt, step, cfg):
-    """Apply the schedule to every group; returns the lr of the first (backbone weights) group."""
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, g["base_lr"], cfg)
-    return opt.param_groups[0]["lr"]
-
-
-# -----------------------------------------------------------------------------
-# Loop
-# -----------------------------------------------------------------------------
-
-class Crash(Exception):
-    """The run cannot go on: non-finite numbers, or C's eigendecomposition failed. `step` counts from 1."""
-
-    def __init__(self, step, reason):
-        super().__init__(reason)
-        self.step = step
-
-
-WATCHED = ("loss", "embedding", "C")        # the bits of run.bad[1]
-
-
-def watch(run, loss, z, C):
-    """Remember the first step whose loss, embeddings z (2B, M) or C (M, M) hold a non-finite number:
-    run.bad = (step, bit mask over WATCHED), (0, 0) while all is well. Device ops only: no waiting."""
-    bits = sum((~torch.isfinite(t).all()).long() << i for i, t in enumerate((loss, z, C)))
-    first = (run.bad[0] == 0) & (bits > 0)
-    run.bad = torch.where(first, torch.stack([torch.full_like(bits, run.step + 1), bits]), run.bad)
-
-
-def check_finite(run):
-    """Raise Crash if a step so far met a non-finite number (reads run.bad: waits for the device). Under
-    torchrun all processes stop together, at the earliest step any of them saw."""
-    bad = run.bad.clone()
-    if dist.is_initialized():       # max of (-step, bits): the earliest step; "no step" is the lowest key
-        bad[0] = torch.where(bad[0] > 0, -bad[0], torch.iinfo(bad.dtype).min)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        bad[0] = torch.where(bad[0] == torch.iinfo(bad.dtype).min, 0, -bad[0])
-    step, bits = bad.tolist()
-    if step:
-        raise Crash(step, "non-finite " + ", ".join(n for i, n in enumerate(WATCHED) if bits >> i & 1))
-
-
-def log_progress(run, cfg, i, n, loss, lr, t_epoch):
-    """One progress line: epoch, step, mean loss of the epoch so far, lr, images/s of the epoch so far,
-    and the ETA from the pace since this process started (evaluation and checkpoints included)."""
-    now = time.time()
-    ips = i * cfg.batch_size / max(now - t_epoch, 1e-9)
-    pace = (now - run.t0) / max(run.step - run.step0, 1)                      # seconds per step
-    eta = datetime.timedelta(seconds=round(pace * (cfg.total_steps - run.step)))
-    print(f"epoch {run.epoch + 1}/{cfg.epochs} step {i}/{n} ({run.step}/{cfg.total_steps}) "
-          f"loss {loss:.4f} lr {lr:.4g} {ips:.0f} img/s ETA {eta}", flush=True)
-
-
-def train_epoch(run, loaders, cfg):
-    """One pass over the training set; returns the epoch's mean losses and z_std, last lr and wall time.
-    Raises Crash at the first non-finite loss, embedding or C, or a failing eigendecomposition."""
-    run.model.train()
-    if run.target is not None:
-        run.target.train()                          # BYOL's target uses batch statistics
-    loader = loaders.train
-    loader.sampler.set_epoch(run.epoch)                                                  # the order: seed + epoch
-    loader.generator.manual_seed((cfg.seed + run.epoch) * cfg.world_size + cfg.rank)   # augmentations: + rank
-    device, t0 = torch.device(cfg.device), time.time()
-    sums = torch.zeros(3, device=device)            # (ssl loss, probe loss, z_std), summed over steps
-    for i, ((x1, x2), y) in enumerate(batches(loader), 1):
-        x1, x2 = (x.to(device, non_blocking=True, memory_format=layout(cfg)) for x in (x1, x2))
-        y = y.to(device, non_blocking=True)
-        lr = set_lr(run.opt, run.step, cfg)
-        try:
-            sums += train_step(run, x1, x2, y, cfg, ema_at(run.step, cfg))
-        except torch.linalg.LinAlgError as e:       # even in float64 (isoloss._eigh): say why, if we can
-            check_finite(run)                       # an earlier step's non-finite numbers
-            finite = torch.isfinite(run.model.C_keeper.C).all()
-            raise Crash(run.step + 1, "non-finite C" if not finite else
-                        f"the eigendecomposition of C failed ({last_line(e)})") from None
-        run.step += 1
-        if i % cfg.log_every == 0 or i == len(loader):
-            check_finite(run)
-            log_progress(run, cfg, i, len(loader), sums[0].item() / i, lr, t0)
-        if cfg.spectrum_every and run.step % cfg.spectrum_every == 0 and i < len(loader):  # (ends: always)
-            check_finite(run)
-            log_spectrum(run, cfg)
-    loss, ploss, zstd = mean_over_ranks(sums / len(loader)).tolist()
-    return dict(loss=loss, probe_loss=ploss, lr=lr, seconds=time.time() - t0, z_std=zstd)
-
-
-# -----------------------------------------------------------------------------
-# Evaluation: online probe and k-NN on un-augmented images
-# -----------------------------------------------------------------------------
-
-@torch.no_grad()
-def features(model, loader, cfg):
-    """Backbone features h (N, 512), float32, and labels (N,) of a loader's images, in eval mode."""
-    model.eval()
-    hs, ys = [], []
-    for x, y in batches(loader):
-        with autocast(cfg):
-            hs.append(model.encoder.backbone(x.to(cfg.device, non_blocking=True)).float())
-        ys.append(y.to(cfg.device))
-    model.train()
-    return torch.cat(hs), torch.cat(ys)
-
-
-@torch.no_grad()
-def evaluate(model, loaders, cfg):
-    """Probe top-1 / top-5 accuracy (%) on un-augmented, centre-cropped images of the evaluation split
-    (test for CIFAR and STL-10, val for TinyImageNet and folder; App. D), and with --knn the k-NN top-1.
-    Never touches C."""
-    h, y = features(model, loaders.eval, cfg)                       # (N, 512), (N,)
-    k = min(5, model.probe.out_features)
-    top = model.probe(h).topk(k, dim=1).indices == y[:, None]        # (N, k)
-    acc = dict(acc1=100 * top[:, 0].float().mean().item(),
-               acc5=100 * top.any(1).float().mean().item() if k == 5 else None)
-    if cfg.knn:
-        acc["knn_acc1"] = knn_accuracy(*features(model, loaders.bank, cfg), h, y, model.probe.out_features, cfg)
-    return acc
-
-
-def knn_accuracy(bank, bank_y, h, y, classes, cfg, chunk=256):
-    """Weighted k-NN top-1 (%) (Wu et al. 2018; as in DINO and solo-learn): each evaluation feature votes
-    for the classes of its K most cosine-similar training features with weights exp(cos / T). bank
-    (N, D), bank_y (N,): the labelled training images; h (n, D), y (n,). `chunk` rows at a time, so the
-    similarity matrix never exceeds chunk x N."""
-    bank = F.normalize(bank, dim=1)
-    k, hits = min(cfg.knn, len(bank)), 0
-    for h_c, y_c in zip(F.normalize(h, dim=1).split(chunk), y.split(chunk)):
-        sim, idx = (h_c @ bank.T).topk(k, dim=1)                     # (chunk, k)
-        votes = torch.zeros(len(h_c), classes, device=h.device)
-        votes.scatter_add_(1, bank_y[idx], (sim / cfg.knn_temperature).exp())
-        hits += (votes.argmax(1) == y_c).sum()
-    return 100 * float(hits) / len(y)
-
-
-# -----------------------------------------------------------------------------
-# Diagnostics: C's spectrum (Figs. 3, 7, 8), collapse monitors, predictor alignment (Fig. 4), plots
-# -----------------------------------------------------------------------------
-
-RECRUITED = 0.01      # an eigenvalue counts as recruited above 1% of the largest (our choice; see README)
-COLLAPSED = dict(top_share=0.9, z_std=0.1)  # "collapsed": top_share above, or z_std below (see README)
-
-
-@torch.no_grad()
-def spectrum(model, cfg):
-    """C's eigenvalues, descending (float64); with a linear predictor also Fig. 4's alignment: the
-    cosine between each eigenvector u_i of C and W_P u_i, in the same order."""
-    s, U = torch.linalg.eigh(model.C_keeper.C.double().cpu())
-    s, U = s.flip(0), U.flip(1)                                     # (M,), (M, M) columns u_i
-    row = dict(eigenvalues=s.tolist())
-    if cfg.predictor == "linear":
-        WU = model.predictor.weight.detach().double().cpu() @ U       # W_P u_i (p = W_P z)
-        row["alignment"] = ((U * WU).sum(0) / WU.norm(dim=0).clamp(min=1e-300)).tolist()
-    return row
-
-
-def log_spectrum(run, cfg):
-    """Append C's spectrum (and alignment) with epoch (the one in progress or just done) and step."""
-    row = dict(epoch=(run.step - 1) // cfg.steps_per_epoch + 1, step=run.step, **spectrum(run.model, cfg))
-    if main_process(cfg):
-        append_jsonl(os.path.join(cfg.out, "spectrum.jsonl"), row)
-    return row
-
-
-def monitors(eigenvalues, zstd):
-    """The collapse monitors of a metrics row, from C's eigenvalues s and the epoch's mean z_std:
-    participation ratio (sum s)^2 / sum s^2 (the reference code's), the top eigenvalue's share of the
-    trace, the effective rank exp(entropy of s / sum s), the number of eigenvalues above RECRUITED x the
-    largest, z_std, and `collapsed` when the top share or z_std crosses COLLAPSED's threshold."""
-    s = torch.tensor(eigenvalues, dtype=torch.float64).clamp(min=0)
-    total = s.sum()
-    if total > 0:
-        p = s / total
-        out = dict(participation_ratio=(total ** 2 / (s ** 2).sum()).item(), top_share=(s.max() / total).item(),
-                   effective_rank=(-(p * p.clamp(min=1e-300).log()).sum()).exp().item(),
-                   recruited=int((s > RECRUITED * s.max()).sum()))
-    else:                                   # C = 0: every embedding is zero
-        out = dict(participation_ratio=0.0, top_share=1.0, effective_rank=0.0, recruited=0)
-    out["z_std"] = zstd
-    out["collapsed"] = out["top_share"] > COLLAPSED["top_share"] or zstd < COLLAPSED["z_std"]
-    return out
-
-
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot(dirs):
-    """--plot: PNGs of the runs in `dirs` into dirs[0]: C's eigenvalues (one in ten, log scale, Fig. 3a/c),
-    probe and k-NN accuracy (Figs. 3b/d, 7, 8), the collapse monitors, and the alignment map (Fig. 4)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = []
-    for d in dirs:
-        metrics = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if not r.get("crashed")]
-        if not os.path.isfile(os.path.join(d, "config.json")) or not metrics:
-            fail(f"--plot {d}: not a run directory with config.json and metrics.jsonl rows")
-        with open(os.path.join(d, "config.json")) as f:
-            c = json.load(f)
-        name = f"{os.path.basename(os.path.normpath(d))}: {c['loss']}, {c['predictor']}, " + \
-            ("EMA" if c["ema"] else "no EMA")
-        runs.append((name, c, metrics, read_jsonl(os.path.join(d, "spectrum.jsonl"))))
-    written = []
-
-    def save(fig, name):
-        fig.savefig(os.path.join(dirs[0], name), dpi=110)
-        plt.close(fig)
-        written.append(os.path.join(dirs[0], name))
-
-    with_spectrum = [r for r in runs if r[3]]
-    if with_spectrum:
-        fig, axes = plt.subplots(1, len(with_spectrum), figsize=(4.5 * len(with_spectrum), 3.6), squeeze=False, sharey=True,
-                                 constrained_layout=True)
-        for ax, (name, c, _, spec) in zip(axes[0], with_spectrum):
-            t = [r["step"] / c["steps_per_epoch"] for r in spec]
-            s = torch.tensor([r["eigenvalues"] for r in spec]).clamp(min=1e-12)[:, ::10]   # one in ten
-            ax.semilogy(t, s.numpy(), lw=0.9, color="C0", alpha=0.8)
-            ax.set(title=name, xlabel="epoch", ylabel="eigenvalues of C (one in ten)")
-        save(fig, "spectrum.png")
-    keys = ["participation_ratio", "top_share", "effective_rank", "recruited", "z_std"]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
-    axes = axes.ravel()
-    for i, (name, c, metrics, _) in enumerate(runs):
-        epochs = [r["epoch"] for r in metrics]
-        for key, style in (("acc1", "-"), ("knn_acc1", "--")):
-            pts = [(e, r[key]) for e, r in zip(epochs, metrics) if r.get(key) is not None]
-            if pts:
-                axes[0].plot(*zip(*pts), style, color=f"C{i}", marker=".",
-                             label=f"{name} ({'probe' if key == 'acc1' else 'k-NN'})")
-        for ax, key in zip(axes[1:], keys):
-            ax.plot(epochs, [r.get(key) for r in metrics], color=f"C{i}", marker=".", label=name)
-    axes[0].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="evaluation")
-    axes[0].legend(fontsize=7)
-    axes[1].set_yscale("log")
-    for ax, key in zip(axes[1:], keys):
-        ax.set(xlabel="epoch", title=f"{key.replace('_', ' ')} of C" if key != "z_std" else "z_std")
-    save(fig, "accuracy_monitors.png")
-    for d, (name, c, _, spec) in zip(dirs, runs):
-        aligned = [r for r in spec if "alignment" in r]
-        if aligned:
-            fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-            a = torch.tensor([r["alignment"] for r in aligned]).T           # (M, rows)
-            t = [0] + [r["step"] / c["steps_per_epoch"] for r in aligned]    # each row ends a cell
-            im = ax.pcolormesh(t, range(a.shape[0] + 1), a.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
-            ax.invert_yaxis()
-            ax.set(xlabel="epoch", ylabel="eigenvector u_i of C (0: largest eigenvalue)",
-                   title=f"{name}:\ncos(u_i, W_P u_i) (Fig. 4)")
-            fig.colorbar(im, ax=ax)
-            save(fig, f"alignment-{os.path.basename(os.path.normpath(d))}.png")
-    print("wrote " + ", ".join(written))
-    return written
-
-
-# -----------------------------------------------------------------------------
-# Benchmark (--bench): augmentation pipelines, the step's parts, the step against its floor
-# -----------------------------------------------------------------------------
-
-def timed(fn, cfg, repeats=5):
-    """Median seconds of fn() over `repeats` calls after one warm-up call, waiting for the device."""
-    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
-class Synthetic(torch.utils.data.Dataset):
-    """uint8 images (N, 3, H, W) with a per-image transform: the CPU pipeline without files."""
-
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i]), 0
-
-
-def bench(cfg, repeats=5):
-    """Images/s of the per-image pipeline and of the batched one on cfg.device, the split of one training
-    step, the step against its floor (FLOPs counted in the step / the matrix throughput measured here), and
-    C's eigendecomposition on each device and precision; on synthetic uint8 images of the dataset's size.
-    Prints a table and writes bench.json into --out."""
-    torch.manual_seed(cfg.seed)
-    d, B = DATASETS[cfg.dataset], cfg.batch_size
-    images = torch.randint(0, 256, (4 * B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    # On a CPU both pipelines run on one core (one thread, no workers): a fair ratio, and no oversubscribed
-    # threads on a busy machine, where the batched ops slow down many times. On CUDA: --workers workers.
-    cpu, threads = not cfg.device.startswith("cuda"), torch.get_num_threads()
-    torch.set_num_threads(1 if cpu else threads)
-    workers = 0 if cpu else cfg.workers
-    per_image = torch.utils.data.DataLoader(Synthetic(images, train_transform(cfg)), B, num_workers=workers)
-    out = dict(device=str(cfg.device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"), batch_size=B,
-               image_size=cfg.image_size, dataset=cfg.dataset, workers=workers, amp=cfg.amp)
-    out["per_image_ips"] = len(images) / timed(lambda: [b for b in per_image], cfg, 3)
-    x = images[:B].to(cfg.device)
-    g = torch.Generator(cfg.device)
-    views = lambda: batch_two_views(x, cfg.image_size, d["mean"], d["std"], cfg.blur, g)   # noqa: E731
-    out["batched_ips"] = B / timed(views, cfg, repeats)
-    out["aug_speedup"] = out["batched_ips"] / out["per_image_ips"]
-    torch.set_num_threads(threads)
-
-    schedule(cfg, 1000)
-    run = build_run(cfg, 10)
-    model, target = run.model, run.target
-    x1, x2 = (v.contiguous(memory_format=layout(cfg)) for v in views())
-    y = torch.zeros(B, dtype=torch.long, device=cfg.device)
-    step = lambda: train_step(run, x1, x2, y, cfg, 0.99)                                 # noqa: E731
-    z = torch.randn(B, cfg.proj_dim, device=cfg.device)
-    with FlopCounterMode(display=False) as flops:
-        step()
-    ms = dict(data=timed(views, cfg, repeats), step=timed(step, cfg, repeats),
-              C_update_and_eigh=timed(lambda: (model.C_keeper.update(z, z), model.C_keeper()), cfg, repeats),
-              optimiser=timed(run.opt.step, cfg, repeats),
-              ema=timed(lambda: update_target(target, model.encoder, 0.99), cfg, repeats) if target else 0.0)
-    ms["forward_backward"] = ms["step"] - ms["C_update_and_eigh"] - ms["optimiser"] - ms["ema"]
-    out["step_ms"] = {k: 1000 * v for k, v in ms.items()}
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16 if cfg.amp == "fp16" else torch.float32
-    n = 8192 if cfg.device.startswith("cuda") else 1024       # a large product: the device's matrix throughput
-    a = torch.randn(n, n, device=cfg.device, dtype=dtype)
-    out["peak_tflops"] = 2 * n ** 3 / timed(lambda: a @ a, cfg, repeats) / 1e12
-    out["gflop_per_image"] = flops.get_total_flops() / B / 1e9
-    out["step_over_floor"] = ms["step"] / (flops.get_total_flops() / (out["peak_tflops"] * 1e12))
-    u = torch.randn(B, cfg.proj_dim, dtype=torch.float64) * torch.logspace(0, -3, cfg.proj_dim)   # a spread spectrum
-    C = u.T @ u / B
-    out["eigh_ms"] = {f"{dev} {dt}": 1000 * timed(lambda: torch.linalg.eigh(C.to(dev, getattr(torch, dt))), cfg,
-                                                  repeats)
-                      for dev in ("cpu", *(["cuda"] if torch.cuda.is_available() else [])) for dt in ("float32", "float64")}
-    print(f"{cfg.dataset} {cfg.image_size} px, batch {B}, {cfg.device}, torch {torch.__version__}, amp {cfg.amp}")
-    print(f"augmentation, both views: per image ({workers} workers) {out['per_image_ips']:8.0f} img/s, "
-          f"batched on {cfg.device} {out['batched_ips']:8.0f} img/s: {out['aug_speedup']:.1f}x")
-    print("step (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["step_ms"].items())
-          + f"; {B / ms['step']:.0f} img/s")
-    print(f"floor: {out['gflop_per_image']:.2f} GFLOP per image at the {out['peak_tflops']:.3g} TFLOP/s measured "
-          f"here: the step takes {out['step_over_floor']:.1f}x its floor")
-    print("eigh of C (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in out["eigh_ms"].items()))
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "bench.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Checkpointing
+# Checkpointing and run files
 # -----------------------------------------------------------------------------
 
 def checkpoint_state(run, cfg):
@@ -1384,134 +1400,300 @@ def append_jsonl(path, row=None, keep_until_step=None):
             f.write(json.dumps(row) + "\n")
 
 
-# -----------------------------------------------------------------------------
-# Main
-# -----------------------------------------------------------------------------
-
-CRASHED = 3     # exit code of a crashed run; 1: bad data, files or checkpoint; 2: bad command line
-
-
-def schedule(cfg, steps_per_epoch):
-    """Schedule lengths in steps. Warm-up: 10 epochs (App. D), but at most a quarter of a shorter run and
-    at least one step; --warmup-epochs E gives ceil(E x steps per epoch), 0 none. Without warm-up an
-    8-epoch no-EMA IsoLoss run ended below a random network's probe; with 2 epochs it learned."""
-    cfg.steps_per_epoch, cfg.total_steps = steps_per_epoch, cfg.epochs * steps_per_epoch
-    if cfg.warmup_epochs is None:
-        cfg.warmup_steps = max(1, min(10 * steps_per_epoch, cfg.total_steps // 4))
-    else:
-        cfg.warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
-
-
-def build_run(cfg, num_classes):
-    """The training state on cfg.device: model (in DDP under torchrun), target, optimiser, AMP scaler, the
-    schedule position and the non-finite watch (`watch`)."""
-    model, target = build_model(cfg, num_classes)
-    for m in (model, target):
-        if m is not None:
-            m.to(cfg.device, memory_format=layout(cfg))
-    ddp = model if cfg.world_size == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None)
-    scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp == "fp16")   # fp16 only
-    return types.SimpleNamespace(model=model, ddp=ddp, target=target, opt=build_optimizer(model, cfg),
-                                 scaler=scaler, epoch=0, step=0, t0=time.time(), step0=0,
-                                 bad=torch.zeros(2, dtype=torch.long, device=cfg.device))
-
-
-def setup(cfg):
-    """Seed, data, schedule lengths, training state; returns (run, loaders)."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    loaders, num_classes = build_data(cfg)
-    schedule(cfg, len(loaders.train))
-    run = build_run(cfg, num_classes)
-    if cfg.world_size > 1:                          # same model everywhere, its own augmentations per process
-        torch.manual_seed(cfg.seed + 1 + cfg.rank)
-    return run, loaders
-
-
-def start_outputs(cfg, run, loaders):
-    """Create --out, write config.json, drop rows of steps after the checkpoint, print a summary."""
-    if main_process(cfg):
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(vars(cfg), f, indent=2)
-        for name in ("metrics.jsonl", "spectrum.jsonl"):
-            append_jsonl(os.path.join(cfg.out, name), keep_until_step=run.step)
-    target = f"EMA target {cfg.ema}" if cfg.ema else "no EMA"
-    print(f"{cfg.dataset}: {len(loaders.train.dataset)} training images, {cfg.steps_per_epoch} steps/epoch"
-          f"{f' on each of {cfg.world_size} processes' if cfg.world_size > 1 else ''}; "
-          f"{cfg.arch} ({cfg.stem} stem), {cfg.predictor} predictor, loss {cfg.loss}, {target}, "
-          f"{cfg.optimizer} lr {cfg.lr_scaled:g} wd {cfg.wd:g}, warm-up {cfg.warmup_steps} steps; "
-          f"{cfg.device}; out {cfg.out}", flush=True)
-    run.t0, run.step0 = time.time(), run.step           # the pace since this process started, for the ETA
-
-
-def finish_epoch(run, loaders, cfg, row):
-    """Evaluate if due, add the spectrum's monitors, write metrics.jsonl, spectrum.jsonl and last.pt.
-    Under torchrun rank 0 alone evaluates (the whole evaluation split) and writes."""
-    if not main_process(cfg):
-        return row
-    due = run.epoch == cfg.epochs or (cfg.eval_every > 0 and run.epoch % cfg.eval_every == 0)
-    acc = evaluate(run.model, loaders, cfg) if due else dict(acc1=None, acc5=None)
-    spec = log_spectrum(run, cfg)
-    row = dict(epoch=run.epoch, step=run.step, **row, **acc)
-    row.update(monitors(spec["eigenvalues"], row["z_std"]))
-    append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), row)
-    save_checkpoint(checkpoint_state(run, cfg), os.path.join(cfg.out, "last.pt"))
-    print(f"epoch {run.epoch}/{cfg.epochs} done in {row['seconds']:.1f}s: loss {row['loss']:.4f}"
-          + (f", probe acc1 {row['acc1']:.2f}%" if due else "")
-          + (f", k-NN acc1 {row['knn_acc1']:.2f}%" if row.get("knn_acc1") is not None else "")
-          + f"; C: participation ratio {row['participation_ratio']:.1f} of {cfg.proj_dim}, top eigenvalue "
-          f"{100 * row['top_share']:.0f}% of the trace; z_std {row['z_std']:.2f}", flush=True)
-    if row["collapsed"]:
-        print(f"warning: epoch {run.epoch}: the embeddings look collapsed (top eigenvalue of C above "
-              f"{COLLAPSED['top_share']:.0%} of its trace, or z_std below {COLLAPSED['z_std']})", flush=True)
-    return row
-
-
-def crashed(run, cfg, crash):
-    """A crashed run: a "crashed" row in metrics.jsonl, one error line, exit code CRASHED. last.pt (if
-    any) is the last good epoch's: it is written only after an epoch with finite numbers throughout."""
-    epoch = (crash.step - 1) // cfg.steps_per_epoch + 1
-    if main_process(cfg):
-        append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), dict(epoch=epoch, step=crash.step, crashed=True,
-                                                                   reason=str(crash)))
-        kept = (f"the last good checkpoint is {os.path.join(cfg.out, 'last.pt')} (epoch {run.epoch})"
-                if run.epoch else "no epoch finished, no checkpoint")
-        print(f"train.py: error: crashed at epoch {epoch}, step {crash.step}: {crash}; {kept}", file=sys.stderr,
-              flush=True)
-    raise SystemExit(CRASHED)
-
-
-def main(argv=None):
-    """Train as `argv` (default: sys.argv) says; returns the metrics row of the last epoch trained.
-    Exit codes: 1 bad data, files or checkpoint; 2 bad command line; 3 (CRASHED) a crashed run."""
-    cfg = get_config(argv)
-    if cfg.plot:
-        return plot(cfg.plot)
-    if cfg.bench:
-        return bench(cfg)
-    init_distributed(cfg)
-    path = resume_path(cfg)
-    if path is None and os.path.exists(os.path.join(cfg.out, "last.pt")):
-        fail(f"{cfg.out} already holds a run (last.pt): pass --resume auto to continue it, or another --out")
-    run, loaders = setup(cfg)
-    if path is not None:
-        load_checkpoint(path, run, cfg)
-    start_outputs(cfg, run, loaders)
-    row = None
-    if run.epoch >= cfg.epochs:
-        print(f"nothing to do: {run.epoch} of {cfg.epochs} epochs done (raise --epochs to continue)")
+def read_jsonl(path):
+    """The rows of a JSON-lines file, [] if there is none. A last line cut short (no newline: a run writing
+    it now, or killed while it did) is skipped with a warning; any other line that is no JSON object stops."""
+    if not os.path.exists(path):
+        return []
     try:
-        while run.epoch < cfg.epochs:
-            row = train_epoch(run, loaders, cfg)
-            run.epoch += 1
-            row = finish_epoch(run, loaders, cfg, row)
-    except Crash as crash:
-        crashed(run, cfg, crash)
-    if dist.is_initialized():
-        dist.barrier()                              # rank 0's files are complete when every process returns
-    return row
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")                # after a final newline: a last, empty item
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {last_line(e)}")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) and i == len(lines) and line.startswith("{"):    # a row's beginning
+            print(f"warning: {path}: its last line is cut short (a run writing, or killed): skipped",
+                  file=sys.stderr)
+        elif not isinstance(row, dict):
+            fail(f"{path}: line {i} is not a JSON object (a corrupt file?)")
+        elif row:
+            rows.append(row)
+    return rows
+
+
+def read_run(d, option):
+    """A run directory for --plot and --table: (config, metrics rows, spectrum rows); stops with one line
+    that names what is missing or corrupt."""
+    path = os.path.join(d, "config.json")
+    if not os.path.isdir(d) or not os.path.isfile(path):
+        fail(f"{option} {d}: not a run directory ({path} not found)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            c = json.load(f)
+        missing = ([k for k in ("dataset", "epochs", "image_size", *METHOD, "ema") if k not in c]
+                   if isinstance(c, dict) else ["JSON object"])
+        why = f"no {missing[0]}" if missing else None
+    except (OSError, ValueError) as e:
+        why = last_line(e)
+    if why:
+        fail(f"{path}: not a train.py config.json ({why})")
+    return c, read_jsonl(os.path.join(d, "metrics.jsonl")), read_jsonl(os.path.join(d, "spectrum.jsonl"))
+
+
+
+# -----------------------------------------------------------------------------
+# --plot, --table, --bench
+# -----------------------------------------------------------------------------
+
+def plot(dirs):
+    """--plot: PNGs of the runs in `dirs` into dirs[0]: C's eigenvalues (one in ten, log scale, Fig. 3a/c),
+    probe and k-NN accuracy (Figs. 3b/d, 7, 8), the collapse monitors, and the alignment map (Fig. 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = []
+    for d in dirs:
+        c, metrics, spec = read_run(d, "--plot")
+        metrics = [r for r in metrics if not r.get("crashed")]
+        if not metrics:
+            fail(f"--plot {d}: no epoch in {os.path.join(d, 'metrics.jsonl')} yet")
+        name = f"{os.path.basename(os.path.normpath(d))}: {c['loss']}, {c['predictor']}, " + \
+            ("EMA" if c["ema"] else "no EMA")
+        runs.append((name, c, metrics, spec))
+    written = []
+
+    def save(fig, name):
+        fig.savefig(os.path.join(dirs[0], name), dpi=110)
+        plt.close(fig)
+        written.append(os.path.join(dirs[0], name))
+
+    with_spectrum = [r for r in runs if r[3]]
+    if with_spectrum:
+        fig, axes = plt.subplots(1, len(with_spectrum), figsize=(4.5 * len(with_spectrum), 3.6), squeeze=False,
+                                 sharey=True, constrained_layout=True)
+        for ax, (name, c, _, spec) in zip(axes[0], with_spectrum):
+            t = [r["step"] / c["steps_per_epoch"] for r in spec]
+            s = torch.tensor([r["eigenvalues"] for r in spec]).clamp(min=1e-12)[:, ::10]   # one in ten
+            ax.semilogy(t, s.numpy(), lw=0.9, color="C0", alpha=0.8)
+            ax.set(title=name, xlabel="epoch", ylabel="eigenvalues of C (one in ten)")
+        save(fig, "spectrum.png")
+    save(monitors_figure(plt, runs), "accuracy_monitors.png")
+    for d, (name, c, _, spec) in zip(dirs, runs):
+        aligned = [r for r in spec if "alignment" in r]
+        if aligned:
+            fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+            a = torch.tensor([r["alignment"] for r in aligned]).T           # (M, rows)
+            t = [0] + [r["step"] / c["steps_per_epoch"] for r in aligned]    # each row ends a cell
+            im = ax.pcolormesh(t, range(a.shape[0] + 1), a.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.invert_yaxis()
+            ax.set(xlabel="epoch", ylabel="eigenvector u_i of C (0: largest eigenvalue)",
+                   title=f"{name}:\ncos(u_i, W_P u_i) (Fig. 4)")
+            fig.colorbar(im, ax=ax)
+            save(fig, f"alignment-{os.path.basename(os.path.normpath(d))}.png")
+    print("wrote " + ", ".join(written))
+    return written
+
+
+def monitors_figure(plt, runs):
+    """Probe and k-NN top-1 (Figs. 3b/d, 7, 8) and the collapse monitors of every run over epochs."""
+    keys = ["participation_ratio", "top_share", "effective_rank", "recruited", "z_std"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    axes = axes.ravel()
+    for i, (name, c, metrics, _) in enumerate(runs):
+        epochs = [r["epoch"] for r in metrics]
+        for key, style in (("acc1", "-"), ("knn_acc1", "--")):
+            pts = [(e, r[key]) for e, r in zip(epochs, metrics) if r.get(key) is not None]
+            if pts:
+                axes[0].plot(*zip(*pts), style, color=f"C{i}", marker=".",
+                             label=f"{name} ({'probe' if key == 'acc1' else 'k-NN'})")
+        for ax, key in zip(axes[1:], keys):
+            ax.plot(epochs, [r.get(key) for r in metrics], color=f"C{i}", marker=".", label=name)
+    axes[0].set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="evaluation")
+    axes[0].legend(fontsize=7)
+    axes[1].set_yscale("log")
+    for ax, key in zip(axes[1:], keys):
+        ax.set(xlabel="epoch", title=f"{key.replace('_', ' ')} of C" if key != "z_std" else "z_std")
+    return fig
+
+
+TITLES = dict(cifar10="CIFAR-10", cifar100="CIFAR-100", stl10="STL-10", tinyimagenet="TinyImageNet",
+              folder="folder")
+METHOD = ("predictor", "loss", "alpha", "eps")    # and whether there is an EMA target: a row of Tables 2, 3
+RECIPE = ("arch", "stem", "image_size", "proj_hidden", "proj_dim", "pred_hidden", "ema", "tau", "optimizer",
+          "lr", "wd", "probe_lr", "momentum", "lars_eta", "warmup_epochs", "warmup_start_lr", "epochs",
+          "batch_size", "limit", "amp")          # the other settings: --table names those a run changed
+
+
+def method(c):
+    return (*(c[k] for k in METHOD), c["ema"] > 0)
+
+
+def paper_rows():
+    """Tables 2 and 3 from README.md beside this file, where the paper's numbers are written down once:
+    {method: (name, {dataset: cell})} in its order, from each row's command; {} without README.md."""
+    path, rows, titles = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), {}, None
+    if not os.path.isfile(path):
+        print(f"warning: no {path}: no paper numbers, rows named by their flags", file=sys.stderr)
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for cells in ([s.strip() for s in line.strip().strip("|").split("|")] for line in f):
+            if cells[:4] == ["Method", "α", "EMA", "Command"]:
+                titles = cells[4:]
+            elif titles and len(cells) == 4 + len(titles) and cells[3].startswith("`python train.py"):
+                args = parser().parse_args(cells[3].strip("`").replace("$D", "cifar10").split()[2:])
+                paper = {d: cells[4 + titles.index(t)].replace("\\", "")          # "92.6\*" -> "92.6*"
+                         for d, t in TITLES.items() if t in titles}
+                rows.setdefault(method(vars(args)), (cells[0], paper))
+    return rows
+
+
+def setting(c, paper):
+    """A run's row of --table: (its method's place in `paper`, name, alpha, EMA). The name is the paper's
+    (else the method's flags), then the RECIPE flags in which the run differs from its method's command
+    (pred_hidden only for the mlp predictor; image_size from Table 4's crop, the stem from the run's size)."""
+    argv = [f"--{k.replace('_', '-')}={c[k]}" for k in ("dataset", "image_size", *METHOD)]
+    ref = vars(resolve(parser().parse_args(argv + (["--no-ema"] if not c["ema"] else []))))
+    ref["image_size"], default, m = DATASETS[c["dataset"]]["crop"], vars(parser().parse_args([])), method(c)
+    flag = lambda k: f"--{k.replace('_', '-')} {c[k]:{'g' if isinstance(c[k], float) else ''}}"  # noqa: E731
+    extra = [flag(k) for k in RECIPE if c.get(k, ref[k]) != ref[k] and (k != "pred_hidden" or m[0] == "mlp")]
+    columns = (f"{c['alpha']:g}" if m[0] == "closed" else "–", "yes" if c["ema"] else "no")
+    if m in paper:
+        return list(paper).index(m), paper[m][0] + (f" `{' '.join(extra)}`" if extra else ""), *columns
+    own = [flag(k) for k in METHOD if c[k] != default[k]]
+    return len(paper), f"`{' '.join(own + extra) or 'defaults'}`", *columns
+
+
+def run_result(c, rows):
+    """One run for --table: its last probe and k-NN top-1 (None if never evaluated), whether it crashed or
+    ended collapsed (†), whether it is short of its last epoch, not crashed (‡: running, or stopped)."""
+    good = [r for r in rows if not r.get("crashed")]
+    last = lambda key: next((r[key] for r in reversed(good) if r.get(key) is not None), None)   # noqa: E731
+    crashed = len(good) < len(rows)
+    done = good[-1].get("epoch", 0) if good else 0
+    return dict(acc1=last("acc1"), knn=last("knn_acc1"), unfinished=not crashed and done < c["epochs"],
+                dagger=crashed or bool(good and good[-1].get("collapsed")))
+
+
+def result_cell(runs, paper_cell):
+    """'mean ± std (runs)' of the runs' last probe top-1 (sample std, over those evaluated), † and ‡ if a run
+    has them, the k-NN top-1 likewise where runs have it, and the paper's number."""
+    def mean_std(key):
+        t = torch.tensor([r[key] for r in runs if r[key] is not None], dtype=torch.float64)
+        return "–" if not len(t) else f"{t.mean():.1f}" + (f" ± {t.std():.1f}" if len(t) > 1 else "")
+    marks = "†" * any(r["dagger"] for r in runs) + "‡" * any(r["unfinished"] for r in runs)
+    knn = mean_std("knn")
+    return (f"{mean_std('acc1')} ({len(runs)}){marks}" + (f"; k-NN {knn}" if knn != "–" else "")
+            + (f"; paper {paper_cell}" if paper_cell else ""))
+
+
+def table(dirs):
+    """--table: the runs in `dirs` as a Markdown table laid out as README's Tables 2 and 3 (a row per setting,
+    a column per dataset). Prints it with its legend and returns its lines."""
+    paper, groups = paper_rows(), {}
+    for d in dirs:
+        c, rows, _ = read_run(d, "--table")
+        groups.setdefault(setting(c, paper), {}).setdefault(c["dataset"], []).append(run_result(c, rows))
+    datasets = [d for d in TITLES if any(d in g for g in groups.values())]
+    lines = [f"| Setting | α | EMA | {' | '.join(TITLES[d] for d in datasets)} |",
+             "|---" * (3 + len(datasets)) + "|"]
+    for key in sorted(groups):
+        numbers = list(paper.values())[key[0]][1] if key[0] < len(paper) else {}
+        cells = [result_cell(groups[key][d], numbers.get(d)) if d in groups[key] else "" for d in datasets]
+        lines.append(f"| {' | '.join(key[1:])} | {' | '.join(cells)} |")
+    lines.append("\nLast probe top-1 (%): mean ± std over the runs (their number in brackets); † a run "
+                 "crashed or ended collapsed; ‡ a run short of its last epoch; k-NN likewise.")
+    print("\n".join(lines))
+    return lines
+
+
+def timed(fn, cfg, repeats=5):
+    """Median seconds of fn() over `repeats` calls after one warm-up call, waiting for the device."""
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_step(cfg, views, repeats):
+    """Seconds of one training step on the views and of its parts, and the FLOPs the step counts."""
+    schedule(cfg, 1000)
+    run = build_run(cfg, 10)
+    model, target = run.model, run.target
+    x1, x2 = (v.contiguous(memory_format=layout(cfg)) for v in views())
+    y = torch.zeros(cfg.batch_size, dtype=torch.long, device=cfg.device)
+    step = lambda: train_step(run, x1, x2, y, cfg, 0.99)                                 # noqa: E731
+    z = torch.randn(cfg.batch_size, cfg.proj_dim, device=cfg.device)
+    with FlopCounterMode(display=False) as flops:
+        step()
+    ms = dict(data=timed(views, cfg, repeats), step=timed(step, cfg, repeats),
+              C_update_and_eigh=timed(lambda: (model.C_keeper.update(z, z), model.C_keeper()), cfg, repeats),
+              optimiser=timed(run.opt.step, cfg, repeats),
+              ema=timed(lambda: update_target(target, model.encoder, 0.99), cfg, repeats) if target else 0.0)
+    ms["forward_backward"] = ms["step"] - ms["C_update_and_eigh"] - ms["optimiser"] - ms["ema"]
+    return ms, flops.get_total_flops()
+
+
+def bench(cfg, repeats=5):
+    """Images/s of the per-image pipeline and of the batched one on cfg.device, the split of one training
+    step, the step against its floor (FLOPs counted in the step / the matrix throughput measured here), and
+    C's eigendecomposition on each device and precision; on synthetic uint8 images of the dataset's size.
+    Prints a table and writes bench.json into --out."""
+    torch.manual_seed(cfg.seed)
+    d, B = DATASETS[cfg.dataset], cfg.batch_size
+    images = torch.randint(0, 256, (4 * B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    # On a CPU both pipelines run on one core (one thread, no workers): a fair ratio, and no oversubscribed
+    # threads on a busy machine, where the batched ops slow down many times. On CUDA: --workers workers.
+    cpu, threads = not cfg.device.startswith("cuda"), torch.get_num_threads()
+    torch.set_num_threads(1 if cpu else threads)
+    workers = 0 if cpu else cfg.workers
+    per_image = torch.utils.data.DataLoader(ImageList([(x, 0) for x in images], train_transform(cfg), lambda x: x),
+                                            B, num_workers=workers)
+    out = dict(device=str(cfg.device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"), batch_size=B,
+               image_size=cfg.image_size, dataset=cfg.dataset, workers=workers, amp=cfg.amp)
+    out["per_image_ips"] = len(images) / timed(lambda: [b for b in per_image], cfg, 3)
+    x = images[:B].to(cfg.device)
+    g = torch.Generator(cfg.device)
+    views = lambda: batch_two_views(x, cfg.image_size, d["mean"], d["std"], cfg.blur, g)   # noqa: E731
+    out["batched_ips"] = B / timed(views, cfg, repeats)
+    out["aug_speedup"] = out["batched_ips"] / out["per_image_ips"]
+    torch.set_num_threads(threads)
+
+    ms, flops = bench_step(cfg, views, repeats)
+    out["step_ms"] = {k: 1000 * v for k, v in ms.items()}
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16 if cfg.amp == "fp16" else torch.float32
+    n = 8192 if cfg.device.startswith("cuda") else 1024       # a large product: the device's matrix throughput
+    a = torch.randn(n, n, device=cfg.device, dtype=dtype)
+    out["peak_tflops"] = 2 * n ** 3 / timed(lambda: a @ a, cfg, repeats) / 1e12
+    out["gflop_per_image"] = flops / B / 1e9
+    out["step_over_floor"] = ms["step"] / (flops / (out["peak_tflops"] * 1e12))
+    u = torch.randn(B, cfg.proj_dim, dtype=torch.float64) * torch.logspace(0, -3, cfg.proj_dim)   # spread spectrum
+    C = u.T @ u / B
+    devices = ("cpu", *(["cuda"] if torch.cuda.is_available() else []))
+    out["eigh_ms"] = {f"{dev} {dt}": 1000 * timed(lambda: torch.linalg.eigh(C.to(dev, getattr(torch, dt))), cfg,
+                                                  repeats) for dev in devices for dt in ("float32", "float64")}
+    print(f"{cfg.dataset} {cfg.image_size} px, batch {B}, {cfg.device}, torch {torch.__version__}, amp {cfg.amp}")
+    print(f"augmentation, both views: per image ({workers} workers) {out['per_image_ips']:8.0f} img/s, "
+          f"batched on {cfg.device} {out['batched_ips']:8.0f} img/s: {out['aug_speedup']:.1f}x")
+    print("step (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["step_ms"].items())
+          + f"; {B / ms['step']:.0f} img/s")
+    print(f"floor: {out['gflop_per_image']:.2f} GFLOP per image at the {out['peak_tflops']:.3g} TFLOP/s measured "
+          f"here: the step takes {out['step_over_floor']:.1f}x its floor")
+    print("eigh of C (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in out["eigh_ms"].items()))
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "bench.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
 
 
 if __name__ == "__main__":
