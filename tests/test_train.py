@@ -23,7 +23,7 @@ from PIL import Image
 import isoloss
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the repository: train.py, README.md
 # A small model and tiny batches so one run takes a second or two on a CPU; defaults stay the paper's.
 SMALL = ["--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "32", "--batch-size", "4",
          "--workers", "0", "--epochs", "1", "--log-every", "1", "--device", "cpu"]

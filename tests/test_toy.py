@@ -3,6 +3,7 @@ simulation, the exact-moment shortcut and the reduced-sample panels against
 the plain per-sample loop, and the command line. CPU only."""
 import contextlib
 import io
+import itertools
 import json
 
 import pytest
@@ -95,24 +96,28 @@ def test_cos_eigenvalues_approach_a_common_value(cosine):
     assert top.max() / top.min() < 1.1
 
 
-@pytest.mark.parametrize("seed", [2, 3, 4])
+@pytest.mark.parametrize("seed", [2, 9, 12])
 def test_cos_without_stop_grad_collapses_under_the_gradient_and_diverges_under_the_papers_rule(seed):
     """Table 1's row "all lambda diverge" holds for the paper's hand-written rule, not for the
     gradient of the loss. From W0 = randn(10, 15) / 4 after manual_seed(seed), lr 0.1, 900 steps on
-    1,000 samples: the exact gradient drives all but at most three eigenvalues below 1e-6
-    (dimensional collapse) and the total, trace W W^T, plateaus; the paper's rule keeps every
-    eigenvalue above 1e-3 while the top four keep growing. (The full run: two survivors, at 3.9 and 4.0.)"""
+    1,000 samples: the exact gradient drives all but two to four eigenvalues below 1e-6
+    (dimensional collapse) and its total, trace W W^T, changes by under 5% from step 600 to 900;
+    the paper's rule keeps every eigenvalue above 1e-3, its largest grows at every step and its
+    trace by over 40% from step 600 to 900. Checked once for every seed 2-21: survivors 2 to 4,
+    none above 10; exact trace within 2.2%; paper's smallest eigenvalue above 0.01, trace growth at
+    least 47%. Seed 9 keeps four modes; at seed 12 the paper's fourth largest mode grows only 1.24x
+    (the top three, 1.5x). (The full run: two survivors, at 3.9 and 4.0.)"""
     torch.manual_seed(seed)
     W0 = torch.randn(10, 15) / 4
     runs = [toy.Run("cos_nosg", W0, toy.LR["cos_nosg"], updates=u) for u in toy.UPDATES]
     toy.simulate(runs, 900, 1_000, seed, points=900)
     exact, paper = (torch.tensor(r.out["eigenvalues"], dtype=torch.float64) for r in runs)
     alive = (exact[-1] > 1e-6).sum()
-    assert 1 <= alive <= 3 and (exact[0] > 1e-3).all()
-    total = exact.sum(1)                                           # trace W W^T
-    assert (total[-1] / total[600] - 1).abs() < 0.1 and exact[-1].max() < 10
-    assert (paper[-1] > 1e-3).all()
-    assert (paper[-1, -4:] > 1.3 * paper[600, -4:]).all() and (paper[1:, -1] > paper[:-1, -1]).all()
+    assert 2 <= alive <= 4 and (exact[0] > 1e-3).all() and exact[-1].max() < 10
+    total, paper_total = exact.sum(1), paper.sum(1)                # trace W W^T
+    assert (total[-1] / total[600] - 1).abs() < 0.05
+    assert (paper[-1] > 1e-3).all() and (paper[1:, -1] > paper[:-1, -1]).all()
+    assert paper_total[-1] > 1.4 * paper_total[600]
 
 
 def test_cos_without_predictor_conserves_the_sum():
@@ -132,9 +137,9 @@ def test_iso_cos_equalises_faster_than_cos(cosine):
 # ---------------------------------------------------------------- The paper's update rules (--updates paper)
 
 def written_out(setting, mode, W, x1, x2, relu, W_P):
-    """Delta W / eta of one step, one sample at a time in float64, as written in the issue (paper)
-    or as the analytic gradient of the loss (exact; a zero z1, p or z2 contributes nothing, as in
-    isoloss). Returns the batch mean, (M, N), before any nan_to_num."""
+    """Delta W / eta of one step, one sample at a time in float64, as paper_update's docstring writes
+    the rules (paper) or as the analytic gradient of the loss (exact; a zero z1, p or z2 contributes
+    nothing, as in isoloss). Returns the batch mean, (M, N), before any nan_to_num."""
     W, x1, x2, W_P = W.double(), x1.double(), x2.double(), None if W_P is None else W_P.double()
     phi = (lambda a: a.clamp(min=0)) if relu else (lambda a: a)
     dphi = (lambda a: (a > 0).double()) if relu else (lambda a: torch.ones_like(a))
@@ -204,7 +209,7 @@ def weights_after(run):
 @pytest.mark.parametrize("mode", toy.UPDATES)
 def test_one_step_of_each_mode_is_its_formula_written_out(mode, relu, degenerate):
     """One simulate step of every row, each mode, on a few samples: W1 = W0 + nan_to_num(lr Delta W)
-    with Delta W written out sample by sample (the issue's rules; the loss's analytic gradient).
+    with Delta W written out sample by sample (the notebook's rules; the loss's analytic gradient).
     The M=2 batch holds samples with an all-zero ReLU output: the paper's guarded cosine rules
     then make 1e8-scale updates, its unguarded no-predictor rule a non-finite one (the step is skipped)."""
     M, N, n, lr = (2, 6, 8, 0.5) if degenerate else (10, 15, 6, 0.5)
@@ -219,9 +224,10 @@ def test_one_step_of_each_mode_is_its_formula_written_out(mode, relu, degenerate
         got = weights_after(r)
         scale = max((expected - W0.double()).abs().max().item(), 1e-6)
         assert ((got - expected).abs().max() / scale).item() < 2e-4, (r.setting, mode, relu)
+    skipped = {r.setting: torch.equal(weights_after(r), W0.double()) for r in runs}
+    assert skipped == {s: degenerate and toy.skips_steps(s, relu, mode) for s in toy.SETTINGS}
+    assert skipped["cos_nopred"] == (degenerate and relu and mode == "paper")
     if relu and degenerate:
-        skipped = {r.setting: torch.equal(weights_after(r), W0.double()) for r in runs}
-        assert skipped["cos_nopred"] == (mode == "paper") and not skipped["cos"]
         jump = {r.setting: (weights_after(r) - W0.double()).abs().max().item() for r in runs}
         assert (jump["cos_nosg"] > 1e5) == (mode == "paper")         # the 1e-8 guard: 1e8 / batch size
 
@@ -281,17 +287,17 @@ def test_linear_euclidean_paper_rules_see_a_batch_only_through_its_moments():
 
 
 def test_chunked_views_give_the_full_batch_step_and_skip_only_what_cannot_matter():
-    """simulate's chunk option: chunks of 32, 64, ... samples, their means weighted to the full
-    batch's mean (both modes), and a step whose paper cosine no-predictor update is non-finite
-    everywhere leaves W as it was."""
-    N, n, chunk, seed = 15, 100, 32, 3
+    """simulate's chunk option: chunks of 32, 64, ... samples, drawn ahead (Normals) but the same
+    as torch.randn per chunk, their means weighted to the full batch's mean (both modes), and a step
+    whose paper cosine no-predictor update is non-finite everywhere leaves W as it was."""
+    N, n, chunk, seed = 15, 112, 32, 3
     W0 = toy.initial_weights(toy.DEFAULTS, 10, N)
     fixed = torch.cat([torch.eye(N), -torch.eye(N)])
     runs = [toy.Run("cos_nopred", W0, 0.5, fixed=fixed, updates=u) for u in toy.UPDATES]
     toy.simulate(runs, 1, n, seed, points=1, chunk=chunk)
     g = torch.Generator().manual_seed(seed)
     parts = []
-    for size in (32, 64, 4):                                           # the chunks, in the order drawn
+    for size in (32, 64, 16):                                          # the chunks, in the order drawn
         x1 = torch.randn(size, N, generator=g)
         parts.append((x1, x1 + SIGMA * torch.randn(size, N, generator=g)))
     x1, x2 = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -302,6 +308,22 @@ def test_chunked_views_give_the_full_batch_step_and_skip_only_what_cannot_matter
     run = toy.Run("cos_nopred", W0, 0.5, relu=True, fixed=torch.cat([torch.eye(6), -torch.eye(6)]), updates="paper")
     toy.simulate([run], 1, 64, seed, points=1, chunk=8)
     assert torch.equal(weights_after(run), W0.double())
+
+
+def test_normals_drawn_ahead_are_torch_randns():
+    """Normals.randn, cut from blocks drawn ahead (here of 64, so that requests span blocks), returns
+    exactly the values of torch.randn calls of the same sizes on the same generator, for sizes that
+    are multiples of 16; other sizes continue the same stream of normals."""
+    sizes = [(2, 8), (16,), (48, 15), (3, 16), (64,), (160,)]
+    g = torch.Generator().manual_seed(5)
+    expected = [torch.randn(*shape, generator=g) for shape in sizes]
+    with toy.Normals(torch.Generator().manual_seed(5), block=64) as normals:
+        got = [normals.randn(*shape) for shape in sizes]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    with toy.Normals(torch.Generator().manual_seed(5), block=64) as normals:
+        odd = torch.cat([normals.randn(7, 3).flatten(), normals.randn(43).flatten()])     # 21 + 43 = 64
+    assert torch.equal(odd, torch.randn(64, generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(torch.randn(7, 3, generator=torch.Generator().manual_seed(5)).flatten(), odd[:21])
 
 
 def test_paper_relu_no_predictor_euclidean_rule_has_zero_mean_and_the_gradient_does_not():
@@ -473,28 +495,78 @@ def test_comparison_figures_need_both_modes_of_one_configuration(quick, tmp_path
     assert [p.name for p in toy.comparison_figures(tmp_path)] == ["fig2_exact_vs_paper.png", "fig6_exact_vs_paper.png"]
 
 
-def test_bad_arguments():
-    for argv in (["--steps", "0"], ["--samples", "10"], ["--jobs", "0"]):
-        with pytest.raises(SystemExit):
-            toy.main(argv)
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--nopred-steps", "0"], "--nopred-steps must be positive"),
+    (["--samples", "29"], "--samples must be at least 30 (a moment batch needs n >= 2N)"),    # 2N, N = 15
+    (["--nopred-samples", "1"], "--nopred-samples must be at least 2 (one antithetic pair)"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--only", "fig3"], "argument --only: invalid choice: 'fig3'"),
+    (["--updates", "notebook"], "argument --updates: invalid choice: 'notebook'"),
+    (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    """Each bad argument: argparse's exit code 2, its own message, nothing written. (After --quick
+    --only fig5 --jobs 1, so that a check gone missing costs a short run, not a full one.)"""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        toy.main(["--quick", "--only", "fig5", "--jobs", "1", "--out", str(out), *argv])
+    assert exit_.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not out.exists()
 
 
-def test_default_initial_condition_is_the_notebooks():
+def test_defaults_are_the_papers():
+    """The values of Sec. 3 and the paper's notebook."""
+    assert toy.DEFAULTS["samples"] == 50_000 and toy.DEFAULTS["sigma"] == 0.1 and toy.DEFAULTS["alpha"] == 1
+    assert toy.DEFAULTS["steps"] == 1_500 and toy.DEFAULTS["nopred_steps"] == 100_000
+    assert (toy.DEFAULTS["N"], toy.DEFAULTS["M"], toy.DEFAULTS["traj_N"], toy.DEFAULTS["traj_M"]) == (15, 10, 6, 2)
+    assert toy.DEFAULTS["traj_lr"] == 0.01 and (toy.DEFAULTS["traj_inputs"], toy.DEFAULTS["traj_shown"]) == (5_000, 20)
+    assert toy.LR == {"euc": 0.01, "euc_nosg": 0.01, "iso_euc": 0.01,
+                      "euc_nopred": 0.1, "cos": 0.1, "cos_nosg": 0.1, "cos_nopred": 0.1, "iso_cos": 0.1}
+
+
+def test_default_initial_conditions_are_the_notebooks():
+    """torch.manual_seed(2); W0 = randn(M, N) / 4; Fig. 5 (M=2, N=6) adds 2 W0 and randn / 2 drawn
+    right after W0; both losses of Fig. 5 and the first of them reused from the trajectory panels."""
     W0 = toy.initial_weights(toy.DEFAULTS, 10, 15)
     torch.manual_seed(2)
     assert torch.equal(W0, torch.randn(10, 15) / 4)
+    torch.manual_seed(2)
+    W0 = torch.randn(2, 6) / 4
+    inits = [W0, 2 * W0, torch.randn(2, 6) / 2]
+    fig5 = toy.build_runs(toy.DEFAULTS, "fig5")["fig5"]
+    together = toy.build_runs(toy.DEFAULTS)
+    for loss in ("euc", "cos"):
+        for runs in (fig5[loss], together["fig5"][loss]):
+            assert [r.setting for r in runs] == [loss] * 3 and all(r.lr == 0.01 for r in runs)
+            assert all(torch.equal(r.W0, W) for r, W in zip(runs, inits))
+        assert together["fig5"][loss][0] is together["trajectories"][loss]
+
+
+def test_makespan_is_the_process_pools_greedy_packing():
+    """Hand-computed: each job goes to the first free worker, in the order given. [3, 3, 2, 2, 2] on
+    two workers ends at 7 (3+2+2 | 3+2), although 6 (3+3 | 2+2+2) is possible."""
+    assert toy.makespan([3, 3, 2, 2, 2], 2) == 7
+    assert toy.makespan([5, 1, 1, 1], 2) == 5 and toy.makespan([1, 1, 1, 5], 2) == 6
+    assert toy.makespan([3, 3, 2, 2, 2], 1) == 12 and toy.makespan([3, 3, 2, 2, 2], 9) == 3
 
 
 def test_bench_projects_every_job_and_packs_them_on_the_workers():
-    """--bench --quick: one line per job of the full run, and the toy's projection is a packing of
-    those jobs on the workers (at least the longest job, at most their sum)."""
+    """--bench --quick --jobs 2: one line per job, together every run of the figures once with its
+    step count (hand-counted: Figs. 2 and 6 have 6 runs of 200 steps and 2 no-predictor runs of
+    2,000 each, the two M=2 panels 8 runs each and Fig. 5 4 more, of 200 steps: 14,400 run-steps),
+    and a projection between the best packing of the jobs' seconds on two workers (brute force)
+    and 3/2 of it (Graham's bound for any order)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        plain, packed = toy.main(["--bench", "--quick", "--jobs", "2"])
+        plain, packed, seconds = toy.main(["--bench", "--quick", "--jobs", "2"])
     lines = [line for line in printed.getvalue().splitlines() if line.startswith("  toy job ")]
-    cfg = dict(toy.DEFAULTS, **toy.QUICK)
-    names = sorted(job.name for job in toy.build_jobs(cfg, toy.build_runs(cfg)))
-    assert sorted(line[len("  toy job "):].split("  ")[0].strip() for line in lines) == names
-    seconds = [float(line.rsplit(":", 1)[1].split()[0]) for line in lines]
-    assert max(seconds) - 1 <= packed <= sum(seconds) + len(seconds) and plain > 0
+    runs_steps = [line.rsplit(":", 1)[0].split()[-5:] for line in lines]           # [runs, 'runs', 'x', steps, 'steps']
+    assert len(lines) == len(seconds) and len({line.split("  ")[1] for line in lines}) == len(lines)
+    assert sum(int(r) for r, *_ in runs_steps) == 36
+    assert sum(int(r) * int(n) for r, _, _, n, _ in runs_steps) == 14_400
+    best = min(max(sum(s for s, side in zip(seconds, sides) if side == w) for w in (0, 1))
+               for sides in itertools.product((0, 1), repeat=len(seconds)))             # every split in two
+    assert best - 1e-9 <= packed <= 1.5 * best + 1e-9 and plain > 0
     assert f"ratio: {plain / packed:.0f}x" in printed.getvalue()
