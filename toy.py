@@ -131,6 +131,7 @@ def skips_steps(setting, relu, updates):
     update is no batch mean of per-sample terms: reduced or antithetic samples would bias it."""
     return updates == "paper" and relu and setting == "cos_nopred"
 
+
 DEFAULTS = dict(
     seed=2,             # torch.manual_seed(2) then W0 = randn(M, N) / 4: the notebook's initial condition
     samples=50_000,     # fresh samples per step (notebook)

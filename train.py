@@ -2,25 +2,11 @@
 
     Halvagal, Laborieux & Zenke, "Implicit variance regularization in non-contrastive SSL", NeurIPS 2023.
 
-    python train.py --dataset stl10 --loss iso_euc
-
 One file, read top to bottom: config -> model -> the loss step -> optimiser and schedules -> loop and
 main -> evaluation and diagnostics -> data per image -> data on the device -> distributed (torchrun,
 opt-in) -> checkpointing -> --plot, --table, --bench. The setup follows Appendix D and Table 4 of the
 paper and its reference code (solo-learn configs and run script); every departure says so where it
-happens. Which row of the paper is which command (add ``--dataset``):
-
-    BYOL        --predictor mlp --loss cos                      EMA target, LARS
-    SimSiam     --predictor mlp --loss cos --no-ema             online target, SGD
-    DirectPred  --loss cos                      [--no-ema]      closed-form W_P, alpha 0.5
-    DirectCopy  --loss cos --alpha 1 --eps 0.25 [--no-ema]
-    IsoLoss     --loss iso_cos [--alpha 1 --eps 0.25] [--no-ema]
-
-Outputs in --out: config.json, metrics.jsonl (one line per epoch, with the collapse monitors),
-spectrum.jsonl (C's eigenvalues), last.pt (resume with --resume auto). `python train.py --plot RUN_DIR ...`
-draws them, `--table RUN_DIR ...` tabulates them as Tables 2 and 3. Exit codes: 1 bad data, files or
-checkpoint; 2 bad command line; 3 a crashed run.
-Several GPUs: torchrun --nproc_per_node=K train.py ... (--batch-size is the global batch).
+happens. README.md gives the command of each row of the tables, the outputs, the exit codes and torchrun.
 """
 import argparse
 import copy
@@ -53,9 +39,8 @@ import isoloss
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = {
-    # crop, stem and blur: Table 4. classes: None = read from the folders.
-    # mean/std: the reference code's (solo-learn's) constants: CIFAR-10/100 training-set statistics,
-    # STL-10 reuses (rounded) CIFAR-10's, TinyImageNet uses ImageNet's; `folder` uses ImageNet's too.
+    # crop, stem, blur: Table 4; classes: None = read from the folders. mean/std: solo-learn's constants:
+    # CIFAR-10/100 training-set statistics, STL-10 CIFAR-10's (rounded), the others ImageNet's.
     "cifar10": dict(crop=32, stem="3x3", blur=False, classes=10,
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
     "cifar100": dict(crop=32, stem="3x3", blur=False, classes=100,
@@ -68,8 +53,7 @@ DATASETS = {
                    mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
 # ResNet stem, Table 4: (first conv kernel, its stride, first max-pool). "7x7-maxpool" is torchvision's
-# standard stem; "3x3" is SimCLR's CIFAR stem (cited in App. D). TinyImageNet: Table 4 says 3x3 with
-# max-pool, and we follow Table 4 (3x3 kernel, stride 1, then the max-pool).
+# standard stem; "3x3" is SimCLR's CIFAR stem (cited in App. D).
 STEMS = {"3x3": (3, 1, False), "3x3-maxpool": (3, 1, True), "7x7-maxpool": (7, 2, True)}
 LOSSES = ("euc", "cos", "iso_euc", "iso_cos")
 IN_MEMORY = ("cifar10", "cifar100", "stl10", "tinyimagenet")    # datasets that --gpu-aug holds on the device
@@ -117,8 +101,7 @@ def parser():
     a("--probe-lr", type=float, default=0.1, help="base lr of the probe at batch 256 (%(default)s)")
     a("--momentum", type=float, default=0.9, help="SGD/LARS momentum (%(default)s)")
     a("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (%(default)s)")
-    a("--warmup-epochs", type=float, help="linear lr warm-up; default: 10 epochs (App. D), at most a "
-      "quarter of the run, at least one step; 0: none")
+    a("--warmup-epochs", type=float, help="lr warm-up; 0: none (default: 10, App. D; short runs: fewer)")
     a("--warmup-start-lr", type=float, default=3e-5, help="solo-learn's warmup_start_lr (%(default)s)")
     a("--epochs", type=int, default=1000, help="(default %(default)s)")
     a("--batch-size", type=int, default=256, help="(default %(default)s)")
@@ -137,12 +120,9 @@ def parser():
     a("--log-every", type=int, default=50, help="steps between progress lines (default %(default)s)")
     a("--out", help="run directory (default runs/<dataset>-<loss>-<time>)")
     a("--resume", help="a last.pt to continue from, or 'auto': <out>/last.pt if it exists")
-    a("--bench", action="store_true", help="time the augmentation pipelines and the training step on "
-      "synthetic images, write bench.json into --out, then exit")
-    a("--plot", nargs="+", metavar="RUN_DIR", help="draw the diagnostics of finished or running runs "
-      "into the first RUN_DIR (PNG files), then exit")
-    a("--table", nargs="+", metavar="RUN_DIR", help="print the runs' last probe top-1, mean ± std over "
-      "seeds, as a Markdown table laid out as Tables 2 and 3 (a row per setting, a column per dataset), then exit")
+    a("--bench", action="store_true", help="time augmentations and step, write bench.json into --out, exit")
+    a("--plot", nargs="+", metavar="RUN_DIR", help="draw the runs' diagnostics into the first RUN_DIR, exit")
+    a("--table", nargs="+", metavar="RUN_DIR", help="tabulate the runs' probe top-1 as Tables 2, 3; exit")
     return p
 
 
@@ -163,8 +143,7 @@ def check_args(p, args):
         p.error("the following arguments are required: --dataset (or --plot / --table RUN_DIR)")
     for key, (low, high, closed) in RANGES.items():
         v = getattr(args, key)
-        if v is not None and (not math.isfinite(v) or v < low or (v == low and not closed)
-                              or (high is not None and v >= high)):
+        if v is not None and (not low <= v < (high or math.inf) or v == low and not closed):   # NaN too
             bound = (f"in [{low}, {high})" if high is not None else f"{'>=' if closed else '>'} {low}")
             p.error(f"--{key.replace('_', '-')} must be {bound}, not {v}")
     if args.predictor != "closed" and args.loss.startswith("iso_"):
@@ -180,27 +159,22 @@ def check_args(p, args):
         p.error("--resume auto needs --out DIR (the run directory to continue)")
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a directory")
-    if args.device != "auto":
-        check_device(p, args.device)
+    if args.device != "auto":       # a device that torch knows and this machine has
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device}: not a device torch knows (try cpu, cuda, cuda:1)")
+        if device.type == "cuda" and not (torch.cuda.is_available()
+                                          and (device.index or 0) < torch.cuda.device_count()):
+            p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.type not in ("cpu", "cuda"):
+            p.error(f"--device {args.device}: only cpu and cuda are supported")
     cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
     if args.amp == "fp16" and not cuda:
         p.error("--amp fp16 needs CUDA (its GradScaler); use --amp bf16 on a CPU")
     world = int(os.environ.get("WORLD_SIZE", 1))                    # torchrun's processes
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} (the global batch) must be divisible by the {world} processes")
-
-
-def check_device(p, name):
-    """--device must name a device that torch knows and this machine has."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        p.error(f"--device {name}: not a device torch knows (try cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not (torch.cuda.is_available()
-                                      and (device.index or 0) < torch.cuda.device_count()):
-        p.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device {name}: only cpu and cuda are supported")
 
 
 def resolve(args):
@@ -222,19 +196,16 @@ def resolve(args):
         args.optimizer = "lars" if args.ema > 0 else "sgd"
     if args.lr is None:
         args.lr = 1.0 if args.optimizer == "lars" else 0.1                  # App. D
-    if args.wd is None:
-        # Closed-form predictor: 1e-4, the reference run script's value that produced Tables 2 and 3
-        # (the paper's text says 4e-4). Learned predictors: 1e-5 (App. D, nonlinear predictor).
+    if args.wd is None:     # the reference run script's 1e-4 (the paper's text: 4e-4); App. D's 1e-5
         args.wd = 1e-4 if args.predictor == "closed" else 1e-5
     if args.tau is None:
         args.tau = 0.998 if args.ema > 0 else 0.5   # App. D; reference no-EMA configs: dp_tau 0.5
     args.lr_scaled = args.lr * args.batch_size / 256          # linear scaling rule (solo-learn)
     args.probe_lr_scaled = args.probe_lr * args.batch_size / 256
-    if args.out is None:
-        if args.resume not in (None, "auto"):
-            args.out = os.path.dirname(os.path.abspath(args.resume))
-        else:
-            args.out = os.path.join("runs", f"{args.dataset}-{args.loss}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.out is None and args.resume not in (None, "auto"):
+        args.out = os.path.dirname(os.path.abspath(args.resume))
+    elif args.out is None:
+        args.out = os.path.join("runs", f"{args.dataset}-{args.loss}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
 
 
@@ -246,7 +217,6 @@ def get_config(argv=None):
         return args
     check_args(p, args)
     return resolve(args)
-
 
 
 # -----------------------------------------------------------------------------
@@ -285,10 +255,8 @@ class Encoder(nn.Module):
 
 
 class Model(nn.Module):
-    """The online network: encoder (backbone + projector), predictor, linear probe; with a learned predictor
-    also `stats`, a running C of the projector outputs kept as the closed-form predictor keeps its own,
-    for the diagnostics only. forward() runs every part with parameters in one call, as
-    DistributedDataParallel needs."""
+    """The online network: encoder, predictor, linear probe (and, with a learned predictor, `stats`: a
+    running C for the diagnostics only). forward() runs every part in one call, as DDP needs."""
 
     def __init__(self, cfg, num_classes):
         super().__init__()
@@ -310,8 +278,7 @@ class Model(nn.Module):
         return self.stats if self.learned else self.predictor
 
     def forward(self, x1, x2):
-        """Views (B, 3, H, W) -> z1, z2 (B, M); learned predictions p1, p2 (B, M), or None with the
-        closed-form predictor (applied in the loss); probe logits (2B, classes) of detached features."""
+        """Views (B, 3, H, W) -> z1, z2, p1, p2 (B, M; p: None if closed), probe logits (2B, classes)."""
         h1, z1 = self.encoder(x1)                   # (B, 512), (B, M)
         h2, z2 = self.encoder(x2)                   # views forwarded separately: BN statistics per view
         p1, p2 = (self.predictor(z1), self.predictor(z2)) if self.learned else (None, None)
@@ -319,9 +286,7 @@ class Model(nn.Module):
 
 
 def build_model(cfg, num_classes):
-    """The online Model and its target: an EMA copy of the encoder, or None (the online encoder under
-    stop-grad). Under torchrun, BatchNorm layers are synchronised across processes (SyncBatchNorm, as
-    the reference code's runs)."""
+    """The online Model and its target: an EMA copy of the encoder, or None; under torchrun with SyncBN."""
     model = Model(cfg, num_classes)
     target = copy.deepcopy(model.encoder).requires_grad_(False) if cfg.ema > 0 else None
     if cfg.world_size > 1:
@@ -329,37 +294,24 @@ def build_model(cfg, num_classes):
     return model, target
 
 
-
 # -----------------------------------------------------------------------------
 # The loss step (Eq. 1, Table 1, Eqs. 15 and 17)
 # -----------------------------------------------------------------------------
 
 def ssl_loss(model, z1, z2, p1, p2, z1_t, z2_t, cfg):
-    """L = 2 * [L(p1, SG(z2_t)) + L(p2, SG(z1_t))]: both view orders against the target branch, with
-    p = W_P z (closed form: from C, applied in the loss) or the learned predictions p1, p2.
-
-    Scale: twice the paper's constants, i.e. the reference code's: BYOL's 2 - 2 cos per view order
-    (without its constant 2, which has no gradient) and the Euclidean sum of squares without the 1/2,
-    so the paper's learning rates and weight decays apply unchanged. For `cos` and `iso_cos`, the logged
-    loss is -2 (cos_12 + cos_21), in [-4, 4]; BYOL's logged (2 - 2 cos) + (2 - 2 cos) is this plus 4.
-    """
-    # C <- tau^2 C + (1 - tau^2) C_batch(z1, z2): one EMA step from both online views per training
-    # step, the same time constant as the reference code's one update per view (which also gave view 1
-    # a W_P that had seen only view 1). The batch is folded in before W_P is built. C moves only here,
-    # in training steps: the reference code also moved C on evaluation batches, a side effect we avoid.
-    # Under torchrun C is averaged over the processes: every one holds the C of the global batch.
+    """L = 2 * [L(p1, SG(z2_t)) + L(p2, SG(z1_t))] (Table 1), p = W_P z (Eq. 1) or the learned p1, p2.
+    Twice the paper's constants: the reference code's scale (README, "Loss scale")."""
+    # C <- tau^2 C + (1 - tau^2) C_batch(z1, z2) before W_P is built, under torchrun averaged over processes.
+    # Departures: one step from both views (the reference: one per view), only in training steps (README).
     model.C_keeper.update(z1, z2, reduce=mean_over_ranks)          # z detached inside; float32 under AMP
-    if model.learned:
-        return 2 * (pair_loss(cfg.loss, p1, z2_t) + pair_loss(cfg.loss, p2, z1_t))
-    W_P, _ = model.predictor()                                       # (M, M), no gradient
-    return 2 * (pair_loss(cfg.loss, z1, z2_t, W_P) + pair_loss(cfg.loss, z2, z1_t, W_P))
+    W_P = None if model.learned else model.predictor()[0]           # (M, M), no gradient
+    q1, q2 = (p1, p2) if model.learned else (z1, z2)                # closed form: W_P applied in the loss
+    return 2 * (pair_loss(cfg.loss, q1, z2_t, W_P) + pair_loss(cfg.loss, q2, z1_t, W_P))
 
 
 def pair_loss(kind, z1, z2_t, W_P=None):
-    """One view order of Table 1 from isoloss.py (paper constants: 1/2 ||.||^2 and -cos, batch mean).
-    With a learned predictor, z1 is the prediction p1 and W_P is None. IsoLoss (Eqs. 15, 17) is the
-    base loss of a straight-through prediction (isoloss.straight_through): the gradient of
-    loss_iso_euc / loss_iso_cos, and the value of the base loss, so iso runs log comparable numbers."""
+    """One view order of Table 1 (paper constants, batch mean); z1 is p1 when W_P is None. IsoLoss (Eqs.
+    15, 17): the base loss of isoloss.straight_through(z1, W_P), with Eq. 15's / 17's gradient."""
     if kind.startswith("iso_"):
         z1, W_P, kind = isoloss.straight_through(z1, W_P), None, kind[len("iso_"):]
     return (isoloss.loss_euc if kind == "euc" else isoloss.loss_cos)(z1, z2_t, W_P)
@@ -374,8 +326,7 @@ def probe_loss(logits, y):
 
 @torch.no_grad()
 def target_outputs(target, x1, x2, z1, z2):
-    """z_t of both views: the EMA target's, or the online network's under stop-grad (no EMA). The
-    latter equals the reference code's momentum-0 target copy: same weights, same batch statistics."""
+    """z_t of both views: the EMA target's, or the online ones under stop-grad (= a momentum-0 copy)."""
     if target is None:
         return z1.detach(), z2.detach()
     return target(x1)[1], target(x2)[1]
@@ -388,9 +339,7 @@ def update_target(target, online, m):
 
 
 def z_std(z):
-    """The reference code's collapse monitor, scaled to 1 when healthy: the standard deviation over the
-    batch of the L2-normalised embeddings, averaged over the M dimensions, times sqrt(M). Isotropic
-    embeddings give 1 (each coordinate of a unit vector has variance 1/M), collapsed ones 0. z: (B, M)."""
+    """The reference code's collapse monitor times sqrt(M): 1 for isotropic z (B, M), 0 collapsed."""
     return F.normalize(z.detach().float(), dim=1).std(0).mean() * z.shape[1] ** 0.5
 
 
@@ -406,9 +355,7 @@ def layout(cfg):
 
 
 def train_step(run, x1, x2, y, cfg, m):
-    """One optimisation step on a batch of view pairs. Returns the detached (ssl loss, probe loss, z_std)
-    and notes a non-finite loss, embedding or C in run.bad, all without waiting for the device (but for
-    the closed-form predictor's eigendecomposition, which does)."""
+    """One step on view pairs -> detached (ssl loss, probe loss, z_std); non-finite numbers -> run.bad."""
     with autocast(cfg):
         z1, z2, p1, p2, logits = run.ddp(x1, x2)    # (B, M) x 4 (p: None for closed), (2B, classes)
         z1_t, z2_t = target_outputs(run.target, x1, x2, z1, z2)
@@ -425,22 +372,18 @@ def train_step(run, x1, x2, y, cfg, m):
     return torch.stack([loss.detach(), ploss.detach(), z_std(z)])
 
 
-
 # -----------------------------------------------------------------------------
 # Optimiser and schedules
 # -----------------------------------------------------------------------------
 
 LARS_EPS = 1e-8     # added to the trust ratio's denominator (the reference code's LARS eps)
+
+
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum; in groups with lars=True every tensor of more than one dimension gets
-
-        d = r (g + wd w),  r = eta ||w|| / (||g|| + wd ||w|| + 1e-8),  clipped (clip_lr): r <- min(r / lr, 1)
-
-    where both ||w|| and ||g|| are non-zero, and d = g (neither decay nor scaling) where one is zero or the
-    tensor is 1-D (You et al. 2017, as the reference code's LARS with clip_lr and exclude_bias_n_norm).
-    Groups with lars=False are plain SGD with momentum: d = g + wd w. Then buf <- momentum buf + d,
-    w <- w - lr buf. Each group is a few multi-tensor (torch._foreach_*) ops, the trust ratios one vector.
-    """
+    """SGD with momentum (d = g + wd w, buf <- momentum buf + d, w <- w - lr buf), in groups with lars=True
+    LARS (You et al. 2017; the reference code's, with clip_lr and exclude_bias_n_norm): tensors of more than
+    one dimension whose ||w|| and ||g|| are non-zero get d = r (g + wd w), the others d = g, where
+    r = eta ||w|| / (||g|| + wd ||w|| + 1e-8), clipped: min(r / lr, 1). Per group a few _foreach ops."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True, lars=True):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
@@ -453,16 +396,10 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if g["lars"]:     # 1-D tensors: d = g; the others: d = a g + b w, (a, b) = (r, r wd) or (1, 0)
-                d_p = list(grads)
-                multi = [i for i, p in enumerate(params) if p.ndim > 1]
-                if multi:
-                    w, gr = [params[i] for i in multi], [grads[i] for i in multi]
-                    a, b = self.lars_factors(w, gr, g)
-                    d_w = torch._foreach_mul(gr, a)
-                    torch._foreach_add_(d_w, torch._foreach_mul(w, b))
-                    for i, d in zip(multi, d_w):
-                        d_p[i] = d
+            if g["lars"]:     # 1-D tensors: d = g
+                multi = [p for p in params if p.ndim > 1]
+                d_w = iter(self.lars_directions(multi, [p.grad for p in multi], g) if multi else [])
+                d_p = [next(d_w) if p.ndim > 1 else p.grad for p in params]
             else:
                 d_p = torch._foreach_add(grads, params, alpha=g["weight_decay"])     # g + wd w
             bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
@@ -471,23 +408,20 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
     @staticmethod
-    def lars_factors(params, grads, g):
-        """Per tensor (0-dim tensors), d = a g + b w: (r, r wd) with the clipped trust ratio r where both
-        norms are non-zero, else (1, 0). At lr 0 the clip gives r = 1, as the reference's min(r / 0, 1)."""
+    def lars_directions(params, grads, g):
+        """d = a g + b w per tensor, (a, b) = (r, r wd) or (1, 0); lr 0 gives r = 1, as min(r / 0, 1) does."""
         w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
         r = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm + LARS_EPS)
         if g["clip_lr"]:
             r = (r / g["lr"]).clamp(max=1.0) if g["lr"] > 0 else torch.ones_like(r)
         scaled = (w_norm > 0) & (g_norm > 0)
         a = torch.where(scaled, r, 1.0)
-        return a.unbind(), (a * scaled * g["weight_decay"]).unbind()
+        b = (a * scaled * g["weight_decay"]).unbind()
+        return torch._foreach_add(torch._foreach_mul(grads, a.unbind()), torch._foreach_mul(params, b))
 
 
 def build_optimizer(model, cfg):
-    """Three groups, as the reference code's optimiser: weights (weight decay, LARS-scaled with LARS);
-    biases and norm parameters (no LARS scaling, and no weight decay under LARS: solo-learn's
-    exclude_bias_n_norm; its SGD decays them); the probe (own lr, no weight decay; under LARS its weight
-    matrix is LARS-scaled, as the reference's LARS scales every tensor of more than one dimension)."""
+    """The reference code's groups: weights; biases and norm parameters; probe (README, "Weight decay")."""
     body = [(n, p) for n, p in model.named_parameters() if not n.startswith("probe.")]
     weights = [p for n, p in body if p.ndim > 1]
     bias_norm = [p for n, p in body if p.ndim <= 1]
@@ -500,8 +434,8 @@ def build_optimizer(model, cfg):
 
 
 def lr_at(step, base_lr, cfg):
-    """Linear warm-up from warmup_start_lr at step 0 to base_lr at its last step, w - 1 (as the reference
-    code's LinearWarmupCosineAnnealingLR), then cosine decay from base_lr at step w to 0; per step (App. D)."""
+    """Linear warm-up from warmup_start_lr at step 0 to base_lr at step w - 1 (the reference code's
+    LinearWarmupCosineAnnealingLR), then cosine decay from base_lr at step w to 0, per step (App. D)."""
     if step < cfg.warmup_steps:
         return cfg.warmup_start_lr + (base_lr - cfg.warmup_start_lr) * step / max(1, cfg.warmup_steps - 1)
     t = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
@@ -521,15 +455,12 @@ def set_lr(opt, step, cfg):
 
 
 def schedule(cfg, steps_per_epoch):
-    """Schedule lengths in steps. Warm-up: 10 epochs (App. D), but at most a quarter of a shorter run and
-    at least one step; --warmup-epochs E gives ceil(E x steps per epoch), 0 none. Without warm-up an
-    8-epoch no-EMA IsoLoss run ended below a random network's probe; with 2 epochs it learned."""
+    """Schedule lengths in steps; warm-up: 10 epochs (App. D), capped for short runs (README, "Schedules")."""
     cfg.steps_per_epoch, cfg.total_steps = steps_per_epoch, cfg.epochs * steps_per_epoch
     if cfg.warmup_epochs is None:
         cfg.warmup_steps = max(1, min(10 * steps_per_epoch, cfg.total_steps // 4))
     else:
         cfg.warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
-
 
 
 # -----------------------------------------------------------------------------
@@ -548,16 +479,14 @@ WATCHED = ("loss", "embedding", "C")        # the bits of run.bad[1]
 
 
 def watch(run, loss, z, C):
-    """Remember the first step whose loss, embeddings z (2B, M) or C (M, M) hold a non-finite number:
-    run.bad = (step, bit mask over WATCHED), (0, 0) while all is well. Device ops only: no waiting."""
+    """run.bad = (first step whose loss, z (2B, M) or C (M, M) is non-finite, bits of WATCHED), or (0, 0)."""
     bits = sum((~torch.isfinite(t).all()).long() << i for i, t in enumerate((loss, z, C)))
     first = (run.bad[0] == 0) & (bits > 0)
     run.bad = torch.where(first, torch.stack([torch.full_like(bits, run.step + 1), bits]), run.bad)
 
 
 def check_finite(run):
-    """Raise Crash if a step so far met a non-finite number (reads run.bad: waits for the device). Under
-    torchrun all processes stop together, at the earliest step any of them saw."""
+    """Raise Crash at the earliest non-finite step of run.bad (of all processes under torchrun); waits."""
     bad = run.bad.clone()
     if dist.is_initialized():       # max of (-step, bits): the earliest step; "no step" is the lowest key
         bad[0] = torch.where(bad[0] > 0, -bad[0], torch.iinfo(bad.dtype).min)
@@ -568,20 +497,8 @@ def check_finite(run):
         raise Crash(step, "non-finite " + ", ".join(n for i, n in enumerate(WATCHED) if bits >> i & 1))
 
 
-def log_progress(run, cfg, i, n, loss, lr, t_epoch):
-    """One progress line: epoch, step, mean loss of the epoch so far, lr, images/s of the epoch so far,
-    and the ETA from the pace since this process started (evaluation and checkpoints included)."""
-    now = time.time()
-    ips = i * cfg.batch_size / max(now - t_epoch, 1e-9)
-    pace = (now - run.t0) / max(run.step - run.step0, 1)                      # seconds per step
-    eta = datetime.timedelta(seconds=round(pace * (cfg.total_steps - run.step)))
-    print(f"epoch {run.epoch + 1}/{cfg.epochs} step {i}/{n} ({run.step}/{cfg.total_steps}) "
-          f"loss {loss:.4f} lr {lr:.4g} {ips:.0f} img/s ETA {eta}", flush=True)
-
-
 def train_epoch(run, loaders, cfg):
-    """One pass over the training set; returns the epoch's mean losses and z_std, last lr and wall time.
-    Raises Crash at the first non-finite loss, embedding or C, or a failing eigendecomposition."""
+    """One pass over the training set; returns the epoch's mean losses and z_std, last lr and wall time."""
     run.model.train()
     if run.target is not None:
         run.target.train()                          # BYOL's target uses batch statistics
@@ -602,9 +519,14 @@ def train_epoch(run, loaders, cfg):
             raise Crash(run.step + 1, "non-finite C" if not finite else
                         f"the eigendecomposition of C failed ({last_line(e)})") from None
         run.step += 1
-        if i % cfg.log_every == 0 or i == len(loader):
+        if i % cfg.log_every == 0 or i == len(loader):          # the epoch's mean loss and images/s so far
             check_finite(run)
-            log_progress(run, cfg, i, len(loader), sums[0].item() / i, lr, t0)
+            now = time.time()
+            ips = i * cfg.batch_size / max(now - t0, 1e-9)
+            pace = (now - run.t0) / max(run.step - run.step0, 1)     # seconds per step
+            eta = datetime.timedelta(seconds=round(pace * (cfg.total_steps - run.step)))
+            print(f"epoch {run.epoch + 1}/{cfg.epochs} step {i}/{len(loader)} ({run.step}/{cfg.total_steps}) "
+                  f"loss {sums[0].item() / i:.4f} lr {lr:.4g} {ips:.0f} img/s ETA {eta}", flush=True)
         if cfg.spectrum_every and run.step % cfg.spectrum_every == 0 and i < len(loader):  # (ends: always)
             check_finite(run)
             log_spectrum(run, cfg)
@@ -613,8 +535,7 @@ def train_epoch(run, loaders, cfg):
 
 
 def build_run(cfg, num_classes):
-    """The training state on cfg.device: model (in DDP under torchrun), target, optimiser, AMP scaler, the
-    schedule position and the non-finite watch (`watch`)."""
+    """The training state: model (DDP under torchrun), target, optimiser, scaler, position, `watch` flags."""
     model, target = build_model(cfg, num_classes)
     for m in (model, target):
         if m is not None:
@@ -657,15 +578,13 @@ def start_outputs(cfg, run, loaders):
 
 
 def finish_epoch(run, loaders, cfg, row):
-    """Evaluate if due, add the spectrum's monitors, write metrics.jsonl, spectrum.jsonl and last.pt.
-    Under torchrun rank 0 alone evaluates (the whole evaluation split) and writes."""
+    """Rank 0: evaluate if due, add the monitors, write metrics.jsonl, spectrum.jsonl, last.pt; print."""
     if not main_process(cfg):
         return row
     due = run.epoch == cfg.epochs or (cfg.eval_every > 0 and run.epoch % cfg.eval_every == 0)
     acc = evaluate(run.model, loaders, cfg) if due else dict(acc1=None, acc5=None)
-    spec = log_spectrum(run, cfg)
     row = dict(epoch=run.epoch, step=run.step, **row, **acc)
-    row.update(monitors(spec["eigenvalues"], row["z_std"]))
+    row.update(monitors(log_spectrum(run, cfg)["eigenvalues"], row["z_std"]))
     append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), row)
     save_checkpoint(checkpoint_state(run, cfg), os.path.join(cfg.out, "last.pt"))
     print(f"epoch {run.epoch}/{cfg.epochs} done in {row['seconds']:.1f}s: loss {row['loss']:.4f}"
@@ -682,23 +601,8 @@ def finish_epoch(run, loaders, cfg, row):
 CRASHED = 3     # exit code of a crashed run; 1: bad data, files or checkpoint; 2: bad command line
 
 
-def crashed(run, cfg, crash):
-    """A crashed run: a "crashed" row in metrics.jsonl, one error line, exit code CRASHED. last.pt (if
-    any) is the last good epoch's: it is written only after an epoch with finite numbers throughout."""
-    epoch = (crash.step - 1) // cfg.steps_per_epoch + 1
-    if main_process(cfg):
-        append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), dict(epoch=epoch, step=crash.step, crashed=True,
-                                                                   reason=str(crash)))
-        kept = (f"the last good checkpoint is {os.path.join(cfg.out, 'last.pt')} (epoch {run.epoch})"
-                if run.epoch else "no epoch finished, no checkpoint")
-        print(f"train.py: error: crashed at epoch {epoch}, step {crash.step}: {crash}; {kept}", file=sys.stderr,
-              flush=True)
-    raise SystemExit(CRASHED)
-
-
 def main(argv=None):
-    """Train as `argv` (default: sys.argv) says; returns the metrics row of the last epoch trained.
-    Exit codes: 1 bad data, files or checkpoint; 2 bad command line; 3 (CRASHED) a crashed run."""
+    """Train as `argv` (default: sys.argv) says; returns the metrics row of the last epoch trained."""
     cfg = get_config(argv)
     if cfg.plot:
         return plot(cfg.plot)
@@ -722,12 +626,19 @@ def main(argv=None):
             row = train_epoch(run, loaders, cfg)
             run.epoch += 1
             row = finish_epoch(run, loaders, cfg, row)
-    except Crash as crash:
-        crashed(run, cfg, crash)
+    except Crash as crash:              # a "crashed" row in metrics.jsonl, one error line, exit code CRASHED
+        epoch = (crash.step - 1) // cfg.steps_per_epoch + 1
+        if main_process(cfg):
+            crash_row = dict(epoch=epoch, step=crash.step, crashed=True, reason=str(crash))
+            append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), crash_row)
+            kept = (f"the last good checkpoint is {os.path.join(cfg.out, 'last.pt')} (epoch {run.epoch})"
+                    if run.epoch else "no epoch finished, no checkpoint")
+            print(f"train.py: error: crashed at epoch {epoch}, step {crash.step}: {crash}; {kept}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(CRASHED)
     if dist.is_initialized():
         dist.barrier()                              # rank 0's files are complete when every process returns
     return row
-
 
 
 # -----------------------------------------------------------------------------
@@ -749,9 +660,7 @@ def features(model, loader, cfg):
 
 @torch.no_grad()
 def evaluate(model, loaders, cfg):
-    """Probe top-1 / top-5 accuracy (%) on un-augmented, centre-cropped images of the evaluation split
-    (test for CIFAR and STL-10, val for TinyImageNet and folder; App. D), and with --knn the k-NN top-1.
-    Never touches C."""
+    """Probe top-1 / top-5 (%) on the un-augmented evaluation split (App. D), and with --knn k-NN top-1."""
     h, y = features(model, loaders.eval, cfg)                       # (N, 512), (N,)
     k = min(5, model.probe.out_features)
     top = model.probe(h).topk(k, dim=1).indices == y[:, None]        # (N, k)
@@ -763,10 +672,7 @@ def evaluate(model, loaders, cfg):
 
 
 def knn_accuracy(bank, bank_y, h, y, classes, cfg, chunk=256):
-    """Weighted k-NN top-1 (%) (Wu et al. 2018; as in DINO and solo-learn): each evaluation feature votes
-    for the classes of its K most cosine-similar training features with weights exp(cos / T). bank
-    (N, D), bank_y (N,): the labelled training images; h (n, D), y (n,). `chunk` rows at a time, so the
-    similarity matrix never exceeds chunk x N."""
+    """Weighted k-NN top-1 (%) of h (n, D), y (n,) on bank (N, D), bank_y (N,) (Wu et al. 2018; README)."""
     bank = F.normalize(bank, dim=1)
     k, hits = min(cfg.knn, len(bank)), 0
     for h_c, y_c in zip(F.normalize(h, dim=1).split(chunk), y.split(chunk)):
@@ -782,31 +688,21 @@ COLLAPSED = dict(top_share=0.9, z_std=0.1)  # "collapsed": top_share above, or z
 
 
 @torch.no_grad()
-def spectrum(model, cfg):
-    """C's eigenvalues, descending (float64); with a linear predictor also Fig. 4's alignment: the
-    cosine between each eigenvector u_i of C and W_P u_i, in the same order."""
-    s, U = torch.linalg.eigh(model.C_keeper.C.double().cpu())
-    s, U = s.flip(0), U.flip(1)                                     # (M,), (M, M) columns u_i
-    row = dict(eigenvalues=s.tolist())
-    if cfg.predictor == "linear":
-        WU = model.predictor.weight.detach().double().cpu() @ U       # W_P u_i (p = W_P z)
-        row["alignment"] = ((U * WU).sum(0) / WU.norm(dim=0).clamp(min=1e-300)).tolist()
-    return row
-
-
 def log_spectrum(run, cfg):
-    """Append C's spectrum (and alignment) with epoch (the one in progress or just done) and step."""
-    row = dict(epoch=(run.step - 1) // cfg.steps_per_epoch + 1, step=run.step, **spectrum(run.model, cfg))
+    """Log C's eigenvalues, descending, and (linear predictor) Fig. 4's cos(u_i, W_P u_i): spectrum.jsonl."""
+    s, U = torch.linalg.eigh(run.model.C_keeper.C.double().cpu())
+    s, U = s.flip(0), U.flip(1)                                     # (M,), (M, M) columns u_i
+    row = dict(epoch=(run.step - 1) // cfg.steps_per_epoch + 1, step=run.step, eigenvalues=s.tolist())
+    if cfg.predictor == "linear":
+        WU = run.model.predictor.weight.detach().double().cpu() @ U   # W_P u_i (p = W_P z)
+        row["alignment"] = ((U * WU).sum(0) / WU.norm(dim=0).clamp(min=1e-300)).tolist()
     if main_process(cfg):
         append_jsonl(os.path.join(cfg.out, "spectrum.jsonl"), row)
     return row
 
 
 def monitors(eigenvalues, zstd):
-    """The collapse monitors of a metrics row, from C's eigenvalues s and the epoch's mean z_std:
-    participation ratio (sum s)^2 / sum s^2 (the reference code's), the top eigenvalue's share of the
-    trace, the effective rank exp(entropy of s / sum s), the number of eigenvalues above RECRUITED x the
-    largest, z_std, and `collapsed` when the top share or z_std crosses COLLAPSED's threshold."""
+    """The collapse monitors of a metrics row (README, Diagnostics) from C's eigenvalues and mean z_std."""
     s = torch.tensor(eigenvalues, dtype=torch.float64).clamp(min=0)
     total = s.sum()
     if total > 0:
@@ -821,7 +717,6 @@ def monitors(eigenvalues, zstd):
     return out
 
 
-
 # -----------------------------------------------------------------------------
 # Data per image: two asymmetric views (App. D, Table 4), un-augmented images for evaluation
 # -----------------------------------------------------------------------------
@@ -830,17 +725,12 @@ def monitors(eigenvalues, zstd):
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)   # RandomResizedCrop (ratio: torchvision's default)
 JITTER, JITTER_P = (0.4, 0.4, 0.2, 0.1), 0.8            # ColorJitter(brightness, contrast, saturation, hue)
 GRAY_P, FLIP_P, SOLARIZE_THRESHOLD = 0.2, 0.5, 128       # solarisation: PIL's default threshold (uint8)
-# PIL's GaussianBlur(radius=sigma), which the reference code uses, has sigma in pixels, (0.1, 2);
-# a 13-tap kernel covers +-3 sigma at the largest sigma.
-BLUR_KERNEL, BLUR_SIGMA = 13, (0.1, 2.0)
+BLUR_KERNEL, BLUR_SIGMA = 13, (0.1, 2.0)    # reference code: PIL's radius=sigma, px; 13 taps: +-3 sigma at 2
 VIEWS = ((1.0, 0.0), (0.1, 0.2))    # (blur p, solarisation p) of views 1 and 2; blur on blur datasets only
 
 
-class TwoViews:
-    """image -> (t1(image), t2(image)): the two asymmetric views of BYOL (t and t')."""
-
-    def __init__(self, t1, t2):
-        self.t1, self.t2 = t1, t2
+class TwoViews(types.SimpleNamespace):
+    """TwoViews(t1=..., t2=...): image -> (t1(image), t2(image)), the asymmetric views of BYOL (t and t')."""
 
     def __call__(self, img):
         return self.t1(img), self.t2(img)
@@ -864,8 +754,8 @@ def view_transform(size, mean, std, blur_p, solarize_p):
 def train_transform(cfg):
     """View 1: blur p=1.0 (blur datasets only), no solarisation; view 2: blur p=0.1, solarisation p=0.2."""
     d = DATASETS[cfg.dataset]
-    return TwoViews(*(view_transform(cfg.image_size, d["mean"], d["std"], b if cfg.blur else 0.0, s)
-                      for b, s in VIEWS))
+    return TwoViews(**{f"t{i}": view_transform(cfg.image_size, d["mean"], d["std"], b if cfg.blur else 0.0, s)
+                       for i, (b, s) in enumerate(VIEWS, 1)})
 
 
 def eval_transform(cfg):
@@ -878,8 +768,7 @@ def eval_transform(cfg):
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(image, label) pairs, an image read by `load`: ImageFolder's loader for the val splits of tinyimagenet
-    and folder (paths); the identity for --bench's synthetic uint8 images."""
+    """(image, label) pairs from (x, label) samples, the image read by load(x) (paths by default)."""
 
     def __init__(self, samples, transform, load=default_loader):
         self.samples, self.transform, self.load = samples, transform, load
@@ -927,8 +816,7 @@ def load_torchvision(cfg, train_tf, eval_tf):
 
 
 def load_tinyimagenet(cfg, train_tf, eval_tf):
-    """Official layout, read as is: train/<wnid>/images/*.JPEG (an ImageFolder tree: the images/
-    level is walked), val/images/*.JPEG labelled by val/val_annotations.txt ('val_0.JPEG <wnid> box')."""
+    """Official layout: train/<wnid>/images/*.JPEG, val/images/* labelled by val/val_annotations.txt."""
     root = os.path.join(cfg.data_dir, "tiny-imagenet-200")
     if cfg.download and not os.path.isdir(root):
         torchvision.datasets.utils.download_and_extract_archive(TINY_URL, cfg.data_dir)
@@ -957,7 +845,7 @@ def load_folder(cfg, train_tf, eval_tf):
 
 
 def load_datasets(cfg, train_tf, eval_tf):
-    """(train set, eval set, number of classes); missing data stops with a one-line error."""
+    """(train set, eval set, number of classes); missing or bad data stops with a one-line error (README)."""
     paths, hint = required_paths(cfg)
     missing = [p for p in paths if not os.path.exists(p)]
     if missing and not cfg.download:
@@ -970,25 +858,11 @@ def load_datasets(cfg, train_tf, eval_tf):
     if len(val) == 0:
         fail(f"{cfg.dataset}: the evaluation split under {cfg.data_dir} has no images")
     classes = DATASETS[cfg.dataset]["classes"] or len(train.classes)
-    check_contents(cfg, train, val, classes)
-    for name, ds in (("training", train), ("evaluation", val)):  # a corrupt file stops here, before any output
-        try:
-            ds[0]
-        except Exception as e:
-            fail(f"{cfg.dataset}: cannot read the first {name} image: {last_line(e)}")
-    return train, val, classes
-
-
-def check_contents(cfg, train, val, classes):
-    """Before anything is written: the probe needs 2 classes or more; CIFAR and STL-10 files, held in memory,
-    must give uint8 images of their format, one integer label each, in [0, classes) (-1: STL-10's unlabelled
-    images). Image folders need no check: their labels are the indices of their class folders."""
     if classes < 2:
         fail(f"{cfg.dataset}: {classes} class under {cfg.data_dir}; the linear probe needs 2 or more")
     for name, ds in (("training", train), ("evaluation", val)) if hasattr(train, "data") else ():
         labels = ds.targets if hasattr(ds, "targets") else ds.labels
-        # torchvision reshapes the bytes into images of the format's size: images of another size or
-        # layout come out as another number of images than labels
+        # torchvision reshapes the bytes to the format's size: other images come out as a wrong count
         if ds.data.dtype != "uint8" or len(labels) != len(ds.data):
             fail(f"{cfg.dataset}: the {name} files hold {len(ds.data)} images of {ds.data.dtype} and "
                  f"{len(labels)} labels, where the format has images of uint8 (bytes), one label each")
@@ -997,6 +871,12 @@ def check_contents(cfg, train, val, classes):
         if bad:
             fail(f"{cfg.dataset}: the {name} files hold labels other than integers in [0, {classes}), "
                  f"e.g. {bad[0]}")
+    for name, ds in (("training", train), ("evaluation", val)):  # a corrupt file stops here, before any output
+        try:
+            ds[0]
+        except Exception as e:
+            fail(f"{cfg.dataset}: cannot read the first {name} image: {last_line(e)}")
+    return train, val, classes
 
 
 def unwrap(ds):
@@ -1015,9 +895,7 @@ def knn_bank(train, eval_tf):
 
 
 def build_data(cfg):
-    """The one place that builds the data pipeline: datasets, transforms, loaders (train, eval, k-NN bank).
-    Every epoch's order comes from (seed, epoch) alone (train_epoch), so a resumed run repeats it; under
-    torchrun each process takes its share of it (a DistributedSampler, also for one process)."""
+    """Datasets, transforms, loaders (train, eval, k-NN bank); a DistributedSampler even for one process."""
     eval_tf = eval_transform(cfg)
     train, val, num_classes = load_datasets(cfg, train_transform(cfg), eval_tf)
     if cfg.limit:
@@ -1032,41 +910,31 @@ def build_data(cfg):
         d = DATASETS[cfg.dataset]
         views = lambda x, g: batch_two_views(x, cfg.image_size, d["mean"], d["std"], cfg.blur, g)   # noqa: E731
         plain = lambda x, g: eval_tf(x).as_subclass(torch.Tensor)                                  # noqa: E731
-        loaders = types.SimpleNamespace(train=DeviceLoader(*as_tensors(train, cfg), batch, views, sampler, True),
-                                        eval=DeviceLoader(*as_tensors(val, cfg), batch, plain),
-                                        bank=DeviceLoader(*as_tensors(bank, cfg), batch, plain) if bank else None)
-        return loaders, num_classes
-    kw = dict(batch_size=batch, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
-    loaders = types.SimpleNamespace(
-        train=torch.utils.data.DataLoader(train, sampler=sampler, drop_last=True, generator=torch.Generator(), **kw),
-        eval=torch.utils.data.DataLoader(val, shuffle=False, **kw),
-        bank=torch.utils.data.DataLoader(bank, shuffle=False, **kw) if bank else None)
-    return loaders, num_classes
+        train = DeviceLoader(*as_tensors(train, cfg), batch, views, sampler, True)
+        load = lambda ds: DeviceLoader(*as_tensors(ds, cfg), batch, plain)                        # noqa: E731
+    else:
+        kw = dict(batch_size=batch, num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
+        train = torch.utils.data.DataLoader(train, sampler=sampler, drop_last=True,
+                                            generator=torch.Generator(), **kw)
+        load = lambda ds: torch.utils.data.DataLoader(ds, shuffle=False, **kw)                    # noqa: E731
+    return types.SimpleNamespace(train=train, eval=load(val), bank=load(bank) if bank else None), num_classes
 
 
 def batches(loader):
     """Iterate a loader; an image that cannot be read (in any worker) stops the run with one line."""
     it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except Exception as e:
-            fail(f"cannot read a batch of {len(loader.dataset)} images: {last_line(e)}")
-        yield batch
-
+    try:
+        yield from it
+    except Exception as e:
+        fail(f"cannot read a batch of {len(loader.dataset)} images: {last_line(e)}")
 
 
 # -----------------------------------------------------------------------------
 # Data on the device (--gpu-aug): the same views for a whole uint8 batch
 # -----------------------------------------------------------------------------
 
-# --- The same views for a whole uint8 batch on its device (--gpu-aug) --------------------------------------
-# Every random parameter is drawn per image as a tensor on the batch's device, and every per-image choice is
-# a select or a neutral factor: nothing waits for the device. Departure from view_transform: after the crop
-# the images are float in [0, 1], where torchvision's uint8 ops round or truncate after each colour op
-# (under 1/255 per op). test_gpu_aug.py checks each op against torchvision's and the views' statistics.
+# Per-image choices are selects or neutral factors: nothing waits for the device. Departure from
+# view_transform: float in [0, 1] after the crop, where torchvision's uint8 colour ops round (< 1/255 per op).
 
 CROP_TRIES = 10              # RandomResizedCrop: 10 (area, ratio) draws, the first that fits, else the centre
 CUBIC_A = -0.5               # the cubic kernel of torch's antialiased bicubic resize (PIL's; -0.75 without AA)
@@ -1075,8 +943,7 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)    # torchvision's rgb_to_grayscale (ITU-R
 
 def sample_view(n, H, W, blur_p, solarize_p, generator, device):
     """Every random parameter of one view for n images of H x W, as view_transform draws them."""
-    def u(*shape):
-        return torch.rand(shape, generator=generator, device=device)
+    u = lambda *shape: torch.rand(shape, generator=generator, device=device)                # noqa: E731
     area = H * W * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u(n, CROP_TRIES))     # (n, tries)
     lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     ratio = torch.exp(lo + (hi - lo) * u(n, CROP_TRIES))
@@ -1098,11 +965,9 @@ def sample_view(n, H, W, blur_p, solarize_p, generator, device):
 
 
 def crop_matrix(start, length, in_size, out_size, flip=None):
-    """(B, out_size, in_size): along one axis, crop [start, start + length) (B,) and resize it to out_size as
-    interpolate(bicubic, antialias=True, align_corners=False) does: output pixel i sits at c = (i + 0.5) s in
-    the crop (s = length / out_size), its taps are the crop's pixels within 2 max(s, 1) of c, weighted by the
-    cubic kernel at (tap + 0.5 - c) / max(s, 1) and renormalised (no pixel outside the crop is used). Rows of
-    images with flip (B,) are reversed: the horizontal flip, folded in (every later op commutes with it)."""
+    """(B, out_size, in_size): crop [start, start + length) (B,) of one axis, resized to out_size as bicubic
+    interpolate(antialias=True) does (pixel i at (i + 0.5) length / out_size, taps renormalised). Rows of
+    images with flip (B,) are reversed: the flip, folded in (every later op commutes with it)."""
     s = length.float() / out_size                                       # (B,)
     support, scale = 2 * s.clamp(min=1.0), s.clamp(min=1.0)
     taps = math.ceil(4 * max(in_size / out_size, 1.0))
@@ -1128,8 +993,7 @@ def separable(x, rows, cols):
 
 
 def gaussian_blur(x, sigma, active):
-    """GaussianBlur(BLUR_KERNEL, sigma (B,)) of the images x (B, C, H, W) where active (B,), as torchvision:
-    kernel exp(-t^2 / 2 sigma^2) normalised, reflect padding; here separable, one depthwise conv per axis."""
+    """torchvision's GaussianBlur(BLUR_KERNEL, sigma (B,)) of x (B, C, H, W) where active (B,), separable."""
     B, C, H, W = x.shape
     t = torch.arange(BLUR_KERNEL, device=x.device) - BLUR_KERNEL // 2                      # (K,)
     kernel = torch.softmax(-0.5 * (t / sigma[:, None]) ** 2, dim=1)                       # (B, K)
@@ -1147,9 +1011,8 @@ def luma(x):
 
 
 def adjust_hue(x, f):
-    """torchvision's adjust_hue with a factor per image f (B,) for x in [0, 1]: hue + f in HSV, in closed form:
-    6 h from the largest channel (r before g before b), then channel n (5, 3, 1 for r, g, b) is
-    max - chroma clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6. Grey pixels stay as they are."""
+    """torchvision's adjust_hue, a factor per image f (B,), x in [0, 1], in closed form: channel n (5, 3, 1
+    for r, g, b) is max - chroma clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6."""
     r, g, b = x.unbind(1)                                                # (B, H, W)
     maxc, chroma = x.amax(1), x.amax(1) - x.amin(1)
     safe = torch.where(chroma > 0, chroma, 1.0)
@@ -1160,11 +1023,8 @@ def adjust_hue(x, f):
 
 
 def color_jitter(x, factors, order, active):
-    """ColorJitter on the images where active (B,): brightness, contrast, saturation, hue with factors (B, 4),
-    in each image's order (B, 4) (a permutation of 0..3, torchvision's fn_idx). Batched: the hue is applied
-    once, between three blend slots before it and three after; each image fills them with its other three
-    ops in its order, and the slots it does not use get the neutral factor 1. A blend is torchvision's
-    clamp(f x + (1 - f) target, 0, 1) with target 0 (brightness), the mean grey level (contrast) or grey."""
+    """ColorJitter where active (B,), factors (B, 4), in each image's order (B, 4) (torchvision's fn_idx):
+    the hue once, between three blend slots before and three after, each image's in its order (else 1)."""
     hue_at = (order == 3).to(torch.uint8).argmax(1)                                       # (B,)
     others = order.gather(1, (order == 3).long().sort(dim=1, stable=True).indices)[:, :3]      # (B, 3)
     for before in (True, False):
@@ -1181,8 +1041,7 @@ def color_jitter(x, factors, order, active):
 
 
 def apply_view(x, p, size, mean, std):
-    """One view of uint8 images x (B, 3, H, W) with parameters p (sample_view): float (B, 3, size, size),
-    normalised. Order as view_transform: crop (+ flip), jitter, grey, blur, solarise, normalise."""
+    """One normalised view (B, 3, size, size) of uint8 x (B, 3, H, W), in view_transform's order."""
     H, W = x.shape[2:]
     x = separable(x.float() / 255, crop_matrix(p["top"], p["height"], H, size),
                   crop_matrix(p["left"], p["width"], W, size, p["flip"])).clamp(0, 1)
@@ -1200,8 +1059,7 @@ CPU_CHUNK = 32      # images per pass on a CPU: their tensors stay in cache (1.4
 
 
 def batch_two_views(x, size, mean, std, blur, generator=None):
-    """train_transform's two views of a uint8 batch x (B, 3, H, W), on x's device: (v1, v2), float32
-    (B, 3, size, size) each; parameters per image from `generator` (a torch.Generator on x's device)."""
+    """train_transform's two views (v1, v2) of uint8 x (B, 3, H, W) on its device, drawn from `generator`."""
     n = CPU_CHUNK if x.device.type == "cpu" else len(x)
     views = []
     for blur_p, solarize_p in VIEWS:
@@ -1213,8 +1071,7 @@ def batch_two_views(x, size, mean, std, blur, generator=None):
 
 
 def as_tensors(ds, cfg):
-    """A dataset's images as one uint8 tensor (N, 3, H, W) and its labels (N,), on cfg.device (--gpu-aug).
-    CIFAR and STL-10 hold them in memory already; Tiny ImageNet's JPEGs are decoded once, by the workers."""
+    """A dataset's images as one uint8 tensor (N, 3, H, W) and its labels (N,), on cfg.device (--gpu-aug)."""
     base, idx = unwrap(ds)
     if isinstance(base, datasets.CIFAR10):                         # CIFAR-100 too (a subclass)
         x, y = torch.from_numpy(base.data).permute(0, 3, 1, 2), torch.tensor(base.targets)
@@ -1230,9 +1087,7 @@ def as_tensors(ds, cfg):
 
 
 class DeviceLoader:
-    """What train.py uses of a DataLoader (len, iteration, .dataset, .sampler, .generator), over uint8 images
-    held on the training device (--gpu-aug): each batch is gathered by index and made into views (or
-    evaluation images) there, by `transform(x, generator)`, with every random parameter drawn per image."""
+    """A DataLoader over uint8 images on the device: each batch is `transform(x, generator)`."""
 
     def __init__(self, images, labels, batch_size, transform, sampler=None, drop_last=False):
         self.dataset = torch.utils.data.TensorDataset(images, labels)
@@ -1250,14 +1105,12 @@ class DeviceLoader:
             yield self.transform(images[idx], self.generator), labels[idx]
 
 
-
 # -----------------------------------------------------------------------------
 # Distributed (torchrun): opt-in; a single process skips all of it
 # -----------------------------------------------------------------------------
 
 def init_distributed(cfg):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs (one per process), gloo on
-    CPUs. Only rank 0 prints (and writes: see `main_process`)."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL, gloo on CPUs); rank 0 alone prints."""
     if cfg.world_size > 1 and not dist.is_initialized():
         if cfg.device.startswith("cuda"):
             torch.cuda.set_device(cfg.device)
@@ -1287,14 +1140,11 @@ class AllReduceSum(torch.autograd.Function):
         dist.all_reduce(t)
         return t
 
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduceSum.forward(ctx, grad)
+    backward = forward
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over all processes' samples for CPU processes (gloo), where torch's SyncBatchNorm does not
-    run: per-channel sums of x and x^2 all-reduced with autograd (AllReduceSum), in float32."""
+    """SyncBatchNorm for CPU processes, where torch's does not run: sums of x, x^2 all-reduced, float32."""
 
     def forward(self, x):
         if not self.training:
@@ -1326,14 +1176,12 @@ def sync_batchnorm(module, cfg):
     return module
 
 
-
 # -----------------------------------------------------------------------------
 # Checkpointing and run files
 # -----------------------------------------------------------------------------
 
 def checkpoint_state(run, cfg):
-    """Everything needed to continue: model (C is the closed predictor's buffer), target, optimiser,
-    scaler, schedule position, RNG states, config. Loadable with torch.load(weights_only=True)."""
+    """Everything needed to continue (C: a model buffer), loadable with torch.load(weights_only=True)."""
     return dict(model=run.model.state_dict(),
                 target=run.target.state_dict() if run.target is not None else None,
                 optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(),
@@ -1401,8 +1249,7 @@ def append_jsonl(path, row=None, keep_until_step=None):
 
 
 def read_jsonl(path):
-    """The rows of a JSON-lines file, [] if there is none. A last line cut short (no newline: a run writing
-    it now, or killed while it did) is skipped with a warning; any other line that is no JSON object stops."""
+    """The rows of a JSON-lines file ([] if none); a last line cut short is skipped with a warning."""
     if not os.path.exists(path):
         return []
     try:
@@ -1427,10 +1274,9 @@ def read_jsonl(path):
 
 
 def read_run(d, option):
-    """A run directory for --plot and --table: (config, metrics rows, spectrum rows); stops with one line
-    that names what is missing or corrupt."""
+    """A run directory for --plot and --table: (config, metrics rows, spectrum rows)."""
     path = os.path.join(d, "config.json")
-    if not os.path.isdir(d) or not os.path.isfile(path):
+    if not os.path.isfile(path):
         fail(f"{option} {d}: not a run directory ({path} not found)")
     try:
         with open(path, encoding="utf-8") as f:
@@ -1445,14 +1291,12 @@ def read_run(d, option):
     return c, read_jsonl(os.path.join(d, "metrics.jsonl")), read_jsonl(os.path.join(d, "spectrum.jsonl"))
 
 
-
 # -----------------------------------------------------------------------------
 # --plot, --table, --bench
 # -----------------------------------------------------------------------------
 
 def plot(dirs):
-    """--plot: PNGs of the runs in `dirs` into dirs[0]: C's eigenvalues (one in ten, log scale, Fig. 3a/c),
-    probe and k-NN accuracy (Figs. 3b/d, 7, 8), the collapse monitors, and the alignment map (Fig. 4)."""
+    """--plot: PNGs of the runs in `dirs` into dirs[0]: spectrum (Fig. 3a/c), monitors, alignment (Fig. 4)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1534,8 +1378,7 @@ def method(c):
 
 
 def paper_rows():
-    """Tables 2 and 3 from README.md beside this file, where the paper's numbers are written down once:
-    {method: (name, {dataset: cell})} in its order, from each row's command; {} without README.md."""
+    """Tables 2 and 3 from README.md beside this file: {method: (name, {dataset: cell})}, {} without it."""
     path, rows, titles = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), {}, None
     if not os.path.isfile(path):
         print(f"warning: no {path}: no paper numbers, rows named by their flags", file=sys.stderr)
@@ -1553,9 +1396,7 @@ def paper_rows():
 
 
 def setting(c, paper):
-    """A run's row of --table: (its method's place in `paper`, name, alpha, EMA). The name is the paper's
-    (else the method's flags), then the RECIPE flags in which the run differs from its method's command
-    (pred_hidden only for the mlp predictor; image_size from Table 4's crop, the stem from the run's size)."""
+    """A run's row of --table: (its method's place in `paper`, name and flags it changed, alpha, EMA)."""
     argv = [f"--{k.replace('_', '-')}={c[k]}" for k in ("dataset", "image_size", *METHOD)]
     ref = vars(resolve(parser().parse_args(argv + (["--no-ema"] if not c["ema"] else []))))
     ref["image_size"], default, m = DATASETS[c["dataset"]]["crop"], vars(parser().parse_args([])), method(c)
@@ -1569,8 +1410,7 @@ def setting(c, paper):
 
 
 def run_result(c, rows):
-    """One run for --table: its last probe and k-NN top-1 (None if never evaluated), whether it crashed or
-    ended collapsed (†), whether it is short of its last epoch, not crashed (‡: running, or stopped)."""
+    """One run for --table: its last probe and k-NN top-1 (None if never evaluated), its † and ‡."""
     good = [r for r in rows if not r.get("crashed")]
     last = lambda key: next((r[key] for r in reversed(good) if r.get(key) is not None), None)   # noqa: E731
     crashed = len(good) < len(rows)
@@ -1580,8 +1420,7 @@ def run_result(c, rows):
 
 
 def result_cell(runs, paper_cell):
-    """'mean ± std (runs)' of the runs' last probe top-1 (sample std, over those evaluated), † and ‡ if a run
-    has them, the k-NN top-1 likewise where runs have it, and the paper's number."""
+    """A cell of --table: 'mean ± std (runs)' of the probe top-1, marks, k-NN likewise, the paper's number."""
     def mean_std(key):
         t = torch.tensor([r[key] for r in runs if r[key] is not None], dtype=torch.float64)
         return "–" if not len(t) else f"{t.mean():.1f}" + (f" ± {t.std():.1f}" if len(t) > 1 else "")
@@ -1592,8 +1431,7 @@ def result_cell(runs, paper_cell):
 
 
 def table(dirs):
-    """--table: the runs in `dirs` as a Markdown table laid out as README's Tables 2 and 3 (a row per setting,
-    a column per dataset). Prints it with its legend and returns its lines."""
+    """--table: prints the runs in `dirs` as README's Tables 2 and 3 in Markdown; returns its lines."""
     paper, groups = paper_rows(), {}
     for d in dirs:
         c, rows, _ = read_run(d, "--table")
@@ -1614,15 +1452,14 @@ def table(dirs):
 def timed(fn, cfg, repeats=5):
     """Median seconds of fn() over `repeats` calls after one warm-up call, waiting for the device."""
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
-    fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(1 + repeats):
         sync()
         t = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return sorted(times[1:])[repeats // 2]
 
 
 def bench_step(cfg, views, repeats):
@@ -1645,15 +1482,11 @@ def bench_step(cfg, views, repeats):
 
 
 def bench(cfg, repeats=5):
-    """Images/s of the per-image pipeline and of the batched one on cfg.device, the split of one training
-    step, the step against its floor (FLOPs counted in the step / the matrix throughput measured here), and
-    C's eigendecomposition on each device and precision; on synthetic uint8 images of the dataset's size.
-    Prints a table and writes bench.json into --out."""
+    """--bench on synthetic uint8 images of the dataset's size: prints a table, writes <out>/bench.json."""
     torch.manual_seed(cfg.seed)
     d, B = DATASETS[cfg.dataset], cfg.batch_size
     images = torch.randint(0, 256, (4 * B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    # On a CPU both pipelines run on one core (one thread, no workers): a fair ratio, and no oversubscribed
-    # threads on a busy machine, where the batched ops slow down many times. On CUDA: --workers workers.
+    # On a CPU both on one core: a fair ratio (oversubscribed threads slow the batched ops many times)
     cpu, threads = not cfg.device.startswith("cuda"), torch.get_num_threads()
     torch.set_num_threads(1 if cpu else threads)
     workers = 0 if cpu else cfg.workers
