@@ -1318,7 +1318,8 @@ def plot(dirs):
 
     with_spectrum = [r for r in runs if r[3]]
     if with_spectrum:
-        fig, axes = plt.subplots(1, len(with_spectrum), figsize=(4.5 * len(with_spectrum), 3.6), squeeze=False,
+        n = len(with_spectrum)
+        fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False,
                                  sharey=True, constrained_layout=True)
         for ax, (name, c, _, spec) in zip(axes[0], with_spectrum):
             t = [r["step"] / c["steps_per_epoch"] for r in spec]
@@ -1420,7 +1421,7 @@ def run_result(c, rows):
 
 
 def result_cell(runs, paper_cell):
-    """A cell of --table: 'mean ± std (runs)' of the probe top-1, marks, k-NN likewise, the paper's number."""
+    """A --table cell: 'mean ± std (runs)' of the probe top-1, marks, k-NN likewise, the paper's number."""
     def mean_std(key):
         t = torch.tensor([r[key] for r in runs if r[key] is not None], dtype=torch.float64)
         return "–" if not len(t) else f"{t.mean():.1f}" + (f" ± {t.std():.1f}" if len(t) > 1 else "")
@@ -1490,8 +1491,8 @@ def bench(cfg, repeats=5):
     cpu, threads = not cfg.device.startswith("cuda"), torch.get_num_threads()
     torch.set_num_threads(1 if cpu else threads)
     workers = 0 if cpu else cfg.workers
-    per_image = torch.utils.data.DataLoader(ImageList([(x, 0) for x in images], train_transform(cfg), lambda x: x),
-                                            B, num_workers=workers)
+    synthetic = ImageList([(x, 0) for x in images], train_transform(cfg), lambda x: x)
+    per_image = torch.utils.data.DataLoader(synthetic, B, num_workers=workers)
     out = dict(device=str(cfg.device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"), batch_size=B,
                image_size=cfg.image_size, dataset=cfg.dataset, workers=workers, amp=cfg.amp)
     out["per_image_ips"] = len(images) / timed(lambda: [b for b in per_image], cfg, 3)
@@ -1510,11 +1511,12 @@ def bench(cfg, repeats=5):
     out["peak_tflops"] = 2 * n ** 3 / timed(lambda: a @ a, cfg, repeats) / 1e12
     out["gflop_per_image"] = flops / B / 1e9
     out["step_over_floor"] = ms["step"] / (flops / (out["peak_tflops"] * 1e12))
-    u = torch.randn(B, cfg.proj_dim, dtype=torch.float64) * torch.logspace(0, -3, cfg.proj_dim)   # spread spectrum
+    u = torch.randn(B, cfg.proj_dim, dtype=torch.float64) * torch.logspace(0, -3, cfg.proj_dim)   # C: spread
     C = u.T @ u / B
     devices = ("cpu", *(["cuda"] if torch.cuda.is_available() else []))
-    out["eigh_ms"] = {f"{dev} {dt}": 1000 * timed(lambda: torch.linalg.eigh(C.to(dev, getattr(torch, dt))), cfg,
-                                                  repeats) for dev in devices for dt in ("float32", "float64")}
+    eigh = lambda dev, dt: torch.linalg.eigh(C.to(dev, getattr(torch, dt)))                   # noqa: E731
+    out["eigh_ms"] = {f"{dev} {dt}": 1000 * timed(lambda: eigh(dev, dt), cfg, repeats)
+                      for dev in devices for dt in ("float32", "float64")}
     print(f"{cfg.dataset} {cfg.image_size} px, batch {B}, {cfg.device}, torch {torch.__version__}, amp {cfg.amp}")
     print(f"augmentation, both views: per image ({workers} workers) {out['per_image_ips']:8.0f} img/s, "
           f"batched on {cfg.device} {out['batched_ips']:8.0f} img/s: {out['aug_speedup']:.1f}x")
