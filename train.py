@@ -33,9 +33,7 @@ from torchvision.transforms import v2
 import isoloss
 
 
-# -----------------------------------------------------------------------------
-# Config
-# -----------------------------------------------------------------------------
+# ---- Config ----
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = {
@@ -164,8 +162,7 @@ def check_args(p, args):
             device = torch.device(args.device)
         except RuntimeError:
             p.error(f"--device {args.device}: not a device torch knows (try cpu, cuda, cuda:1)")
-        if device.type == "cuda" and not (torch.cuda.is_available()
-                                          and (device.index or 0) < torch.cuda.device_count()):
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():    # 0 without CUDA
             p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if device.type not in ("cpu", "cuda"):
             p.error(f"--device {args.device}: only cpu and cuda are supported")
@@ -219,9 +216,7 @@ def get_config(argv=None):
     return resolve(args)
 
 
-# -----------------------------------------------------------------------------
-# Model: ResNet backbone, projector, predictor, linear probe; EMA target
-# -----------------------------------------------------------------------------
+# ---- Model: ResNet backbone, projector, predictor, linear probe; EMA target ----
 
 def mlp(d_in, d_hidden, d_out):
     """Linear -> BN -> ReLU -> Linear: projector 512-4096-256, BYOL's predictor 256-4096-256 (App. D)."""
@@ -294,9 +289,7 @@ def build_model(cfg, num_classes):
     return model, target
 
 
-# -----------------------------------------------------------------------------
-# The loss step (Eq. 1, Table 1, Eqs. 15 and 17)
-# -----------------------------------------------------------------------------
+# ---- The loss step (Eq. 1, Table 1, Eqs. 15 and 17) ----
 
 def ssl_loss(model, z1, z2, p1, p2, z1_t, z2_t, cfg):
     """L = 2 * [L(p1, SG(z2_t)) + L(p2, SG(z1_t))] (Table 1), p = W_P z (Eq. 1) or the learned p1, p2.
@@ -372,9 +365,7 @@ def train_step(run, x1, x2, y, cfg, m):
     return torch.stack([loss.detach(), ploss.detach(), z_std(z)])
 
 
-# -----------------------------------------------------------------------------
-# Optimiser and schedules
-# -----------------------------------------------------------------------------
+# ---- Optimiser and schedules ----
 
 LARS_EPS = 1e-8     # added to the trust ratio's denominator (the reference code's LARS eps)
 
@@ -463,9 +454,7 @@ def schedule(cfg, steps_per_epoch):
         cfg.warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
 
 
-# -----------------------------------------------------------------------------
-# Loop and main
-# -----------------------------------------------------------------------------
+# ---- Loop and main ----
 
 class Crash(Exception):
     """The run cannot go on: non-finite numbers, or C's eigendecomposition failed. `step` counts from 1."""
@@ -475,25 +464,23 @@ class Crash(Exception):
         self.step = step
 
 
-WATCHED = ("loss", "embedding", "C")        # the bits of run.bad[1]
+WATCHED = ("loss", "embedding", "C")        # bits 0, 1, 2 of run.bad
 
 
 def watch(run, loss, z, C):
-    """run.bad = (first step whose loss, z (2B, M) or C (M, M) is non-finite, bits of WATCHED), or (0, 0)."""
+    """run.bad = 8 (first step whose loss, z (2B, M) or C (M, M) is non-finite) + bits of WATCHED, or 0."""
     bits = sum((~torch.isfinite(t).all()).long() << i for i, t in enumerate((loss, z, C)))
-    first = (run.bad[0] == 0) & (bits > 0)
-    run.bad = torch.where(first, torch.stack([torch.full_like(bits, run.step + 1), bits]), run.bad)
+    run.bad = torch.where((run.bad == 0) & (bits > 0), 8 * (run.step + 1) + bits, run.bad)
 
 
 def check_finite(run):
     """Raise Crash at the earliest non-finite step of run.bad (of all processes under torchrun); waits."""
-    bad = run.bad.clone()
-    if dist.is_initialized():       # max of (-step, bits): the earliest step; "no step" is the lowest key
-        bad[0] = torch.where(bad[0] > 0, -bad[0], torch.iinfo(bad.dtype).min)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        bad[0] = torch.where(bad[0] == torch.iinfo(bad.dtype).min, 0, -bad[0])
-    step, bits = bad.tolist()
-    if step:
+    none = torch.iinfo(run.bad.dtype).max
+    bad = torch.where(run.bad > 0, run.bad, none)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    if bad < none:
+        step, bits = divmod(bad.item(), 8)
         raise Crash(step, "non-finite " + ", ".join(n for i, n in enumerate(WATCHED) if bits >> i & 1))
 
 
@@ -545,7 +532,7 @@ def build_run(cfg, num_classes):
     scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp == "fp16")   # fp16 only
     return types.SimpleNamespace(model=model, ddp=ddp, target=target, opt=build_optimizer(model, cfg),
                                  scaler=scaler, epoch=0, step=0, t0=time.time(), step0=0,
-                                 bad=torch.zeros(2, dtype=torch.long, device=cfg.device))
+                                 bad=torch.zeros((), dtype=torch.long, device=cfg.device))
 
 
 def setup(cfg):
@@ -562,7 +549,7 @@ def setup(cfg):
 
 def start_outputs(cfg, run, loaders):
     """Create --out, write config.json, drop rows of steps after the checkpoint, print a summary."""
-    if main_process(cfg):
+    if cfg.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(vars(cfg), f, indent=2)
@@ -579,7 +566,7 @@ def start_outputs(cfg, run, loaders):
 
 def finish_epoch(run, loaders, cfg, row):
     """Rank 0: evaluate if due, add the monitors, write metrics.jsonl, spectrum.jsonl, last.pt; print."""
-    if not main_process(cfg):
+    if cfg.rank != 0:
         return row
     due = run.epoch == cfg.epochs or (cfg.eval_every > 0 and run.epoch % cfg.eval_every == 0)
     acc = evaluate(run.model, loaders, cfg) if due else dict(acc1=None, acc5=None)
@@ -628,7 +615,7 @@ def main(argv=None):
             row = finish_epoch(run, loaders, cfg, row)
     except Crash as crash:              # a "crashed" row in metrics.jsonl, one error line, exit code CRASHED
         epoch = (crash.step - 1) // cfg.steps_per_epoch + 1
-        if main_process(cfg):
+        if cfg.rank == 0:
             crash_row = dict(epoch=epoch, step=crash.step, crashed=True, reason=str(crash))
             append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), crash_row)
             kept = (f"the last good checkpoint is {os.path.join(cfg.out, 'last.pt')} (epoch {run.epoch})"
@@ -641,9 +628,7 @@ def main(argv=None):
     return row
 
 
-# -----------------------------------------------------------------------------
-# Evaluation and diagnostics: probe, k-NN, C's spectrum (Figs. 3, 7, 8), collapse monitors, alignment (Fig. 4)
-# -----------------------------------------------------------------------------
+# ---- Evaluation and diagnostics: probe, k-NN, C's spectrum, alignment (Figs. 3, 4, 7, 8) ----
 
 @torch.no_grad()
 def features(model, loader, cfg):
@@ -696,7 +681,7 @@ def log_spectrum(run, cfg):
     if cfg.predictor == "linear":
         WU = run.model.predictor.weight.detach().double().cpu() @ U   # W_P u_i (p = W_P z)
         row["alignment"] = ((U * WU).sum(0) / WU.norm(dim=0).clamp(min=1e-300)).tolist()
-    if main_process(cfg):
+    if cfg.rank == 0:
         append_jsonl(os.path.join(cfg.out, "spectrum.jsonl"), row)
     return row
 
@@ -717,9 +702,7 @@ def monitors(eigenvalues, zstd):
     return out
 
 
-# -----------------------------------------------------------------------------
-# Data per image: two asymmetric views (App. D, Table 4), un-augmented images for evaluation
-# -----------------------------------------------------------------------------
+# ---- Data per image: two asymmetric views (App. D, Table 4), un-augmented images for evaluation ----
 
 # The SimCLR augmentation set of App. D (solo-learn's asymmetric BYOL recipe), shared by both pipelines.
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)   # RandomResizedCrop (ratio: torchvision's default)
@@ -929,9 +912,7 @@ def batches(loader):
         fail(f"cannot read a batch of {len(loader.dataset)} images: {last_line(e)}")
 
 
-# -----------------------------------------------------------------------------
-# Data on the device (--gpu-aug): the same views for a whole uint8 batch
-# -----------------------------------------------------------------------------
+# ---- Data on the device (--gpu-aug): the same views for a whole uint8 batch ----
 
 # Per-image choices are selects or neutral factors: nothing waits for the device. Departure from
 # view_transform: float in [0, 1] after the crop, where torchvision's uint8 colour ops round (< 1/255 per op).
@@ -1105,9 +1086,7 @@ class DeviceLoader:
             yield self.transform(images[idx], self.generator), labels[idx]
 
 
-# -----------------------------------------------------------------------------
-# Distributed (torchrun): opt-in; a single process skips all of it
-# -----------------------------------------------------------------------------
+# ---- Distributed (torchrun): opt-in; a single process skips all of it ----
 
 def init_distributed(cfg):
     """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL, gloo on CPUs); rank 0 alone prints."""
@@ -1119,10 +1098,6 @@ def init_distributed(cfg):
             sys.stdout = open(os.devnull, "w")
 
 
-def main_process(cfg):
-    return cfg.rank == 0
-
-
 def mean_over_ranks(t):
     """`t` averaged over the processes, in place; `t` itself in a single process."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -1131,54 +1106,13 @@ def mean_over_ranks(t):
     return t
 
 
-class AllReduceSum(torch.autograd.Function):
-    """Sum over the processes, differentiable: the gradient of a sum is the sum of the gradients."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    backward = forward
-
-
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """SyncBatchNorm for CPU processes, where torch's does not run: sums of x, x^2 all-reduced, float32."""
-
-    def forward(self, x):
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        n = x.numel() // x.shape[1] * dist.get_world_size()
-        xf = x.float()
-        s = AllReduceSum.apply(torch.stack([xf.sum(dims), (xf * xf).sum(dims)])) / n   # (2, C): E[x], E[x^2]
-        mean, var = s[0], s[1] - s[0] ** 2
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)            # unbiased, as BatchNorm's
-            self.num_batches_tracked += 1
-        y = (xf - mean.view(shape)) * (var.view(shape) + self.eps).rsqrt()
-        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
-
-
 def sync_batchnorm(module, cfg):
-    """Every BatchNorm of `module` synchronised across processes: torch's SyncBatchNorm on GPUs."""
-    if cfg.device.startswith("cuda"):
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum)
-            sync.load_state_dict(child.state_dict())
-            setattr(module, name, sync.requires_grad_(child.weight.requires_grad))
-        else:
-            sync_batchnorm(child, cfg)
-    return module
+    """torch's SyncBatchNorm on GPUs. It runs on GPUs only: on CPUs each process normalises by its own share
+    of the batch (README, "Several GPUs")."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module) if cfg.device.startswith("cuda") else module
 
 
-# -----------------------------------------------------------------------------
-# Checkpointing and run files
-# -----------------------------------------------------------------------------
+# ---- Checkpointing and run files ----
 
 def checkpoint_state(run, cfg):
     """Everything needed to continue (C: a model buffer), loadable with torch.load(weights_only=True)."""
@@ -1291,9 +1225,7 @@ def read_run(d, option):
     return c, read_jsonl(os.path.join(d, "metrics.jsonl")), read_jsonl(os.path.join(d, "spectrum.jsonl"))
 
 
-# -----------------------------------------------------------------------------
-# --plot, --table, --bench
-# -----------------------------------------------------------------------------
+# ---- --plot, --table, --bench ----
 
 def plot(dirs):
     """--plot: PNGs of the runs in `dirs` into dirs[0]: spectrum (Fig. 3a/c), monitors, alignment (Fig. 4)."""

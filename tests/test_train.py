@@ -909,6 +909,47 @@ def steps_on_fixed_tensors(cfg, rank=0, world=1, steps=2):
     return dict(model=run_.model.state_dict(), target=run_.target.state_dict())
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    backward = forward
+
+
+class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU processes (torch's runs on GPUs only): sums of x, x^2 all-reduced."""
+
+    def forward(self, x):
+        assert self.training                    # the fixed steps below never evaluate
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * torch.distributed.get_world_size()
+        s = AllReduceSum.apply(torch.stack([x.sum(dims), (x * x).sum(dims)])) / n   # (2, C): E[x], E[x^2]
+        mean, var = s[0], s[1] - s[0] ** 2
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)            # unbiased, as BatchNorm's
+            self.num_batches_tracked += 1
+        y = (x - mean.view(shape)) * (var.view(shape) + self.eps).rsqrt()
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+def cpu_sync_batchnorm(module, cfg):
+    """What train.sync_batchnorm does on GPUs, for CPU processes: every BatchNorm synchronised."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync.requires_grad_(child.weight.requires_grad))
+        else:
+            cpu_sync_batchnorm(child, cfg)
+    return module
+
+
 def ddp_worker(rank, world, data, out):
     """One torchrun process. The process group meets through a file (no port to race for) and every
     collective times out after DDP_TIMEOUT: a rank left waiting alone fails the test instead of hanging.
@@ -920,7 +961,9 @@ def ddp_worker(rank, world, data, out):
                                          world_size=world, timeout=DDP_TIMEOUT)
     cfg = train.get_config([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/unused"])
     train.init_distributed(cfg)
+    own, train.sync_batchnorm = train.sync_batchnorm, cpu_sync_batchnorm    # GPUs' synchronised BatchNorm
     torch.save(steps_on_fixed_tensors(cfg, rank, world), f"{out}/rank{rank}.pt")
+    train.sync_batchnorm = own                                           # the loop: train.py's CPU setting
     seeds, views = [], train.batch_two_views                     # each rank's augmentation seeds (--gpu-aug)
     train.batch_two_views = lambda x, *a: seeds.append(a[-1].initial_seed()) or views(x, *a)
     train.main([*DDP_FLAGS, f"--data-dir={data}", f"--out={out}/run", "--epochs=1", "--gpu-aug"])  # the loop,
@@ -931,8 +974,8 @@ def ddp_worker(rank, world, data, out):
 
 
 def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, no_md5):
-    """torchrun's setting on 2 CPU processes (gloo): DDP, synchronised BatchNorm, C averaged over the
-    processes. Both hold the same parameters and C, equal to one process's after the same steps on the
+    """torchrun's setting on 2 CPU processes (gloo): DDP, synchronised BatchNorm (as on GPUs, through the
+    test's CPUSyncBatchNorm), C averaged over the processes. Both hold the same parameters and C, equal to one process's after the same steps on the
     whole batch; the loop runs (with either data pipeline), rank 0 alone writes, and --resume continues."""
     import torch.multiprocessing as mp
     write_cifar(str(tmp_path / "data"), per_batch=4)
@@ -952,6 +995,16 @@ def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, no_md5):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
     seeds = [json.loads((tmp_path / f"seeds{r}.json").read_text()) for r in range(2)]
     assert len(seeds[0]) == 2 and not set(seeds[0]) & set(seeds[1])       # the ranks' views differ
+
+
+def test_batchnorm_is_synchronised_on_gpus_and_per_process_on_cpus():
+    cfg = config(DDP_FLAGS)
+    cfg.world_size = 2
+    for device, synchronised in (("cpu", False), ("cuda:0", True)):
+        cfg.device = device
+        for net in train.build_model(cfg, 10):
+            norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            assert len(norms) >= 20 and all(isinstance(m, torch.nn.SyncBatchNorm) == synchronised for m in norms)
 
 
 # -----------------------------------------------------------------------------
@@ -985,7 +1038,7 @@ def test_a_diverging_learned_predictor_crashes_at_the_first_non_finite_step(tmp_
 
 
 def test_watch_names_the_first_non_finite_step_and_what_was_not_finite():
-    run_ = types.SimpleNamespace(bad=torch.zeros(2, dtype=torch.long), step=0)
+    run_ = types.SimpleNamespace(bad=torch.zeros((), dtype=torch.long), step=0)
     ok, nan = torch.ones(3), torch.tensor([1.0, float("nan")])
     for step, (loss, z, C) in enumerate([(ok, ok, ok), (ok, nan, ok), (nan, ok, nan)]):
         run_.step = step
