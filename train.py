@@ -224,24 +224,18 @@ def mlp(d_in, d_hidden, d_out):
                          nn.Linear(d_hidden, d_out))
 
 
-def resnet(arch, stem):
-    """torchvision ResNet without weights, stem per Table 4, head removed. Returns (net, feature dim)."""
-    net = getattr(torchvision.models, arch)(weights=None)
-    kernel, stride, maxpool = STEMS[stem]
-    if kernel != 7:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel, stride, padding=kernel // 2, bias=False)
-    if not maxpool:
-        net.maxpool = nn.Identity()
-    dim, net.fc = net.fc.in_features, nn.Identity()     # 512 for ResNet-18
-    return net, dim
-
-
 class Encoder(nn.Module):
     """x (B, 3, H, W) -> (h (B, 512) backbone features for the probe, z (B, M) projector output)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.backbone, self.dim = resnet(cfg.arch, cfg.stem)
+        net = getattr(torchvision.models, cfg.arch)(weights=None)      # no weights, stem per Table 4, no head
+        kernel, stride, maxpool = STEMS[cfg.stem]
+        if kernel != 7:
+            net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel, stride, padding=kernel // 2, bias=False)
+        if not maxpool:
+            net.maxpool = nn.Identity()
+        self.backbone, self.dim, net.fc = net, net.fc.in_features, nn.Identity()     # dim 512 for ResNet-18
         self.projector = mlp(self.dim, cfg.proj_hidden, cfg.proj_dim)
 
     def forward(self, x):
@@ -318,14 +312,6 @@ def probe_loss(logits, y):
 
 
 @torch.no_grad()
-def target_outputs(target, x1, x2, z1, z2):
-    """z_t of both views: the EMA target's, or the online ones under stop-grad (= a momentum-0 copy)."""
-    if target is None:
-        return z1.detach(), z2.detach()
-    return target(x1)[1], target(x2)[1]
-
-
-@torch.no_grad()
 def update_target(target, online, m):
     """xi <- m xi + (1 - m) theta (BYOL), one fused update. Parameters only: the BN statistics are its own."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
@@ -351,7 +337,8 @@ def train_step(run, x1, x2, y, cfg, m):
     """One step on view pairs -> detached (ssl loss, probe loss, z_std); non-finite numbers -> run.bad."""
     with autocast(cfg):
         z1, z2, p1, p2, logits = run.ddp(x1, x2)    # (B, M) x 4 (p: None for closed), (2B, classes)
-        z1_t, z2_t = target_outputs(run.target, x1, x2, z1, z2)
+        z1_t, z2_t = ((z1.detach(), z2.detach()) if run.target is None      # stop-grad = a momentum-0 copy
+                      else (run.target(x1)[1], run.target(x2)[1]))          # no gradient: requires_grad off
         loss = ssl_loss(run.model, z1, z2, p1, p2, z1_t, z2_t, cfg)
         ploss = probe_loss(logits, y)
     z = torch.cat([z1, z2])                         # (2B, M)
@@ -573,7 +560,13 @@ def finish_epoch(run, loaders, cfg, row):
     row = dict(epoch=run.epoch, step=run.step, **row, **acc)
     row.update(monitors(log_spectrum(run, cfg)["eigenvalues"], row["z_std"]))
     append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), row)
-    save_checkpoint(checkpoint_state(run, cfg), os.path.join(cfg.out, "last.pt"))
+    state = dict(model=run.model.state_dict(),     # all to continue; torch.load(weights_only=True) reads it
+                 target=run.target.state_dict() if run.target is not None else None,
+                 optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(),
+                 epoch=run.epoch, step=run.step, config=vars(cfg),
+                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),   # numpy RNG: unused
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    save_checkpoint(state, os.path.join(cfg.out, "last.pt"))
     print(f"epoch {run.epoch}/{cfg.epochs} done in {row['seconds']:.1f}s: loss {row['loss']:.4f}"
           + (f", probe acc1 {row['acc1']:.2f}%" if due else "")
           + (f", k-NN acc1 {row['knn_acc1']:.2f}%" if row.get("knn_acc1") is not None else "")
@@ -598,7 +591,12 @@ def main(argv=None):
     if cfg.bench:
         return bench(cfg)
     init_distributed(cfg)
-    path = resume_path(cfg)
+    path = os.path.join(cfg.out, "last.pt") if cfg.resume == "auto" else cfg.resume     # None: a fresh start
+    if path is not None and not os.path.isfile(path):
+        if cfg.resume != "auto":
+            fail(f"--resume {path}: no such file")
+        print(f"--resume auto: no {path} yet, starting from scratch", flush=True)
+        path = None
     if path is None and os.path.exists(os.path.join(cfg.out, "last.pt")):
         fail(f"{cfg.out} already holds a run (last.pt): pass --resume auto to continue it, or another --out")
     run, loaders = setup(cfg)
@@ -1114,16 +1112,6 @@ def sync_batchnorm(module, cfg):
 
 # ---- Checkpointing and run files ----
 
-def checkpoint_state(run, cfg):
-    """Everything needed to continue (C: a model buffer), loadable with torch.load(weights_only=True)."""
-    return dict(model=run.model.state_dict(),
-                target=run.target.state_dict() if run.target is not None else None,
-                optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(),
-                epoch=run.epoch, step=run.step, config=vars(cfg),
-                rng=dict(torch=torch.get_rng_state(), python=random.getstate(),   # numpy RNG: unused
-                         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-
-
 def save_checkpoint(state, path):
     """Atomic: write a temporary file, then rename it over `path`."""
     torch.save(state, path + ".tmp")
@@ -1156,19 +1144,6 @@ def load_checkpoint(path, run, cfg):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     print(f"resumed from {path} at epoch {run.epoch}, step {run.step}"
           + (f"; changed settings: {', '.join(changed)}" if changed else ""), flush=True)
-
-
-def resume_path(cfg):
-    """--resume PATH, or for 'auto' <out>/last.pt if it exists (else None: a fresh start)."""
-    if cfg.resume is None:
-        return None
-    path = os.path.join(cfg.out, "last.pt") if cfg.resume == "auto" else cfg.resume
-    if os.path.isfile(path):
-        return path
-    if cfg.resume != "auto":
-        fail(f"--resume {path}: no such file")
-    print(f"--resume auto: no {path} yet, starting from scratch", flush=True)
-    return None
 
 
 def append_jsonl(path, row=None, keep_until_step=None):
@@ -1342,16 +1317,6 @@ def setting(c, paper):
     return len(paper), f"`{' '.join(own + extra) or 'defaults'}`", *columns
 
 
-def run_result(c, rows):
-    """One run for --table: its last probe and k-NN top-1 (None if never evaluated), its † and ‡."""
-    good = [r for r in rows if not r.get("crashed")]
-    last = lambda key: next((r[key] for r in reversed(good) if r.get(key) is not None), None)   # noqa: E731
-    crashed = len(good) < len(rows)
-    done = good[-1].get("epoch", 0) if good else 0
-    return dict(acc1=last("acc1"), knn=last("knn_acc1"), unfinished=not crashed and done < c["epochs"],
-                dagger=crashed or bool(good and good[-1].get("collapsed")))
-
-
 def result_cell(runs, paper_cell):
     """A --table cell: 'mean ± std (runs)' of the probe top-1, marks, k-NN likewise, the paper's number."""
     def mean_std(key):
@@ -1367,8 +1332,14 @@ def table(dirs):
     """--table: prints the runs in `dirs` as README's Tables 2 and 3 in Markdown; returns its lines."""
     paper, groups = paper_rows(), {}
     for d in dirs:
-        c, rows, _ = read_run(d, "--table")
-        groups.setdefault(setting(c, paper), {}).setdefault(c["dataset"], []).append(run_result(c, rows))
+        c, rows, _ = read_run(d, "--table")     # a run's last probe and k-NN top-1 (None: never), † and ‡
+        good = [r for r in rows if not r.get("crashed")]
+        last = lambda key: next((r[key] for r in reversed(good) if r.get(key) is not None), None)  # noqa: E731
+        crashed = len(good) < len(rows)
+        done = good[-1].get("epoch", 0) if good else 0
+        result = dict(acc1=last("acc1"), knn=last("knn_acc1"), unfinished=not crashed and done < c["epochs"],
+                      dagger=crashed or bool(good and good[-1].get("collapsed")))
+        groups.setdefault(setting(c, paper), {}).setdefault(c["dataset"], []).append(result)
     datasets = [d for d in TITLES if any(d in g for g in groups.values())]
     lines = [f"| Setting | α | EMA | {' | '.join(TITLES[d] for d in datasets)} |",
              "|---" * (3 + len(datasets)) + "|"]
