@@ -229,13 +229,14 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        net = getattr(torchvision.models, cfg.arch)(weights=None)      # no weights, stem per Table 4, no head
+        net = getattr(torchvision.models, cfg.arch)(weights=None)      # no weights, stem per Table 4
         kernel, stride, maxpool = STEMS[cfg.stem]
         if kernel != 7:
             net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel, stride, padding=kernel // 2, bias=False)
         if not maxpool:
             net.maxpool = nn.Identity()
-        self.backbone, self.dim, net.fc = net, net.fc.in_features, nn.Identity()     # dim 512 for ResNet-18
+        self.dim, net.fc = net.fc.in_features, nn.Identity()     # 512 for ResNet-18; the head removed
+        self.backbone = net
         self.projector = mlp(self.dim, cfg.proj_hidden, cfg.proj_dim)
 
     def forward(self, x):
