@@ -1335,7 +1335,7 @@ def table(dirs):
     for d in dirs:
         c, rows, _ = read_run(d, "--table")     # a run's last probe and k-NN top-1 (None: never), † and ‡
         good = [r for r in rows if not r.get("crashed")]
-        last = lambda key: next((r[key] for r in reversed(good) if r.get(key) is not None), None)  # noqa: E731
+        last = lambda k: next((r[k] for r in reversed(good) if r.get(k) is not None), None)    # noqa: E731
         crashed = len(good) < len(rows)
         done = good[-1].get("epoch", 0) if good else 0
         result = dict(acc1=last("acc1"), knn=last("knn_acc1"), unfinished=not crashed and done < c["epochs"],
