@@ -975,8 +975,9 @@ def ddp_worker(rank, world, data, out):
 
 def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, no_md5):
     """torchrun's setting on 2 CPU processes (gloo): DDP, synchronised BatchNorm (as on GPUs, through the
-    test's CPUSyncBatchNorm), C averaged over the processes. Both hold the same parameters and C, equal to one process's after the same steps on the
-    whole batch; the loop runs (with either data pipeline), rank 0 alone writes, and --resume continues."""
+    test's CPUSyncBatchNorm), C averaged over the processes. Both hold the same parameters and C, equal
+    to one process's after the same steps on the whole batch; the loop runs (with either data pipeline),
+    rank 0 alone writes, and --resume continues."""
     import torch.multiprocessing as mp
     write_cifar(str(tmp_path / "data"), per_batch=4)
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "data"), tmp_path), nprocs=2)
@@ -1004,7 +1005,8 @@ def test_batchnorm_is_synchronised_on_gpus_and_per_process_on_cpus():
         cfg.device = device
         for net in train.build_model(cfg, 10):
             norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-            assert len(norms) >= 20 and all(isinstance(m, torch.nn.SyncBatchNorm) == synchronised for m in norms)
+            assert len(norms) >= 20
+            assert all(isinstance(m, torch.nn.SyncBatchNorm) == synchronised for m in norms)
 
 
 # -----------------------------------------------------------------------------
@@ -1048,6 +1050,29 @@ def test_watch_names_the_first_non_finite_step_and_what_was_not_finite():
     with pytest.raises(train.Crash, match="^non-finite embedding$") as e:
         train.check_finite(run_)
     assert e.value.step == 2                                         # the first bad step, counted from 1
+
+
+def test_the_earliest_non_finite_step_of_any_process_is_reported(monkeypatch):
+    """Under torchrun check_finite reduces run.bad over the processes: the earliest bad step wins, with
+    that process's own reasons; a process whose steps were all finite does not hide the others'."""
+    ok, nan = torch.ones(3), torch.tensor([float("nan")])
+    ranks = []
+    for bad_steps in ({}, {4: (ok, nan, ok)}, {2: (nan, ok, ok)}):       # step -> (loss, z, C)
+        r = types.SimpleNamespace(bad=torch.zeros((), dtype=torch.long), step=0)
+        for step in range(6):
+            r.step = step
+            train.watch(r, *bad_steps.get(step, (ok, ok, ok)))
+        ranks.append(r)
+    others = [r.bad for r in ranks[1:]]
+
+    def all_reduce(t, op):                  # rank 0 (all finite): gloo's MIN over the three processes
+        assert op == torch.distributed.ReduceOp.MIN
+        t.copy_(torch.stack([t] + [torch.where(b > 0, b, torch.iinfo(b.dtype).max) for b in others]).min())
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
+    with pytest.raises(train.Crash, match="^non-finite loss$") as e:
+        train.check_finite(ranks[0])
+    assert e.value.step == 3                                         # step index 2, counted from 1
 
 
 def test_crash_as_a_process_prints_one_line_and_exits_3(tmp_path):
