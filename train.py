@@ -355,9 +355,6 @@ def train_step(run, x1, x2, y, cfg, m):
 
 # ---- Optimiser and schedules ----
 
-LARS_EPS = 1e-8     # added to the trust ratio's denominator (the reference code's LARS eps)
-
-
 class LARS(torch.optim.Optimizer):
     """SGD with momentum (d = g + wd w, buf <- momentum buf + d, w <- w - lr buf), in groups with lars=True
     LARS (You et al. 2017; the reference code's, with clip_lr and exclude_bias_n_norm): tensors of more than
@@ -390,7 +387,7 @@ class LARS(torch.optim.Optimizer):
     def lars_directions(params, grads, g):
         """d = a g + b w per tensor, (a, b) = (r, r wd) or (1, 0); lr 0 gives r = 1, as min(r / 0, 1) does."""
         w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
-        r = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm + LARS_EPS)
+        r = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm + 1e-8)
         if g["clip_lr"]:
             r = (r / g["lr"]).clamp(max=1.0) if g["lr"] > 0 else torch.ones_like(r)
         scaled = (w_norm > 0) & (g_norm > 0)
